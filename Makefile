@@ -1,0 +1,26 @@
+# Two commands do everything on a fresh machine: `make demo` and `make test` (both install first).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+NP ?= 2
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+# Running as root (containers, CI): Open MPI refuses without these.
+export OMPI_ALLOW_RUN_AS_ROOT := 1
+export OMPI_ALLOW_RUN_AS_ROOT_CONFIRM := 1
+
+.PHONY: install demo test test-unit test-parallel clean
+
+install:
+	@bash scripts/install.sh
+
+# ResNet-18 on the built-in shapes dataset, 2 ranks, Horovod ring-allreduce; prints top-1 accuracy.
+demo: install
+	horovodrun -np $(NP) python -m hpctrain.resnet --config configs/demo.toml $(ARGS)
+
+test: install
+	$(PY) -m pytest -ra tests $(PYTEST_ARGS)
+
+test-unit: install
+	$(PY) -m pytest -ra tests/unit $(PYTEST_ARGS)
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,60 @@
+"""Horovod: ring-allreduce over MPI (or Gloo under horovodrun --gloo), hooked into the optimizer."""
+from __future__ import annotations
+
+import horovod.torch as hvd
+import torch
+
+from hpctrain.backends.local import LocalBackend
+
+
+class HorovodBackend(LocalBackend):
+    name = "horovod"
+
+    def __init__(self, cfg, cluster, device):
+        super().__init__(cfg, cluster, device)
+        hvd.init()
+        if (hvd.rank(), hvd.size()) != (cluster.rank, cluster.size):
+            raise RuntimeError(f"Horovod sees rank {hvd.rank()} of {hvd.size()} but the launcher says "
+                               f"{cluster.rank} of {cluster.size} ({cluster.launcher}): is mpi4py/Horovod "
+                               "built against the MPI that launched this job?")
+
+    def wrap(self, model, optimizer):
+        # Horovod: gradients are allreduced by hooks as backward produces them, overlapping compute.
+        optimizer = hvd.DistributedOptimizer(
+            optimizer, named_parameters=model.named_parameters(),
+            compression=hvd.Compression.fp16 if self.cfg.fp16_allreduce else hvd.Compression.none,
+            op=hvd.Adasum if self.cfg.adasum else hvd.Average,
+            backward_passes_per_step=self.cfg.accumulate)
+        return model, optimizer
+
+    def broadcast_state(self, model, optimizer) -> None:
+        # Horovod: every rank starts from rank 0's weights (random init or a checkpoint).
+        hvd.broadcast_parameters(model.state_dict(), root_rank=0)
+        # The optimizer state goes as one object rather than hvd.broadcast_optimizer_state, which
+        # takes a dummy step on ranks whose state is empty (it moves weights under weight decay).
+        state = self.broadcast_object(optimizer.state_dict() if self.rank == 0 else None)
+        if self.rank != 0:
+            optimizer.load_state_dict(state)
+
+    def broadcast_object(self, obj):
+        return hvd.broadcast_object(obj, root_rank=0)
+
+    def allreduce(self, tensor: torch.Tensor, op: str = "mean") -> torch.Tensor:
+        return hvd.allreduce(tensor, op=hvd.Average if op == "mean" else hvd.Sum)
+
+    def step(self, optimizer, scaler=None) -> None:
+        if scaler is None:
+            optimizer.step()
+            return
+        # Horovod + loss scaling: finish the allreduce before unscaling, then step without re-syncing.
+        optimizer.synchronize()
+        scaler.unscale_(optimizer)
+        with optimizer.skip_synchronize():
+            scaler.step(optimizer)
+        scaler.update()
+
+    def barrier(self) -> None:
+        hvd.barrier()
+
+    def shutdown(self) -> None:
+        hvd.shutdown()

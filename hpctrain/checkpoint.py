@@ -1,0 +1,131 @@
+"""Checkpoint files: atomic writes, retention, and a resume that survives a corrupt newest file.
+
+Framework-neutral: the engine passes `write(fileobj)` / `read(path)` callables (torch.save,
+numpy, TF...). Only rank 0 calls `save`; the loaded state is broadcast by the engine.
+
+A checkpoint `ckpt-00001234.pt` is written to a temp file in the same directory, fsynced, and
+renamed over; its SHA-256 sits beside it in `ckpt-00001234.pt.sha256`, written before the rename,
+so a file that exists always has its checksum and a flipped or truncated byte is caught on load.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import BinaryIO, Callable, TypeVar
+
+T = TypeVar("T")
+_NAME = re.compile(r"^ckpt-(\d{8,})\.pt$")
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
+    """Write via a temp file + fsync + rename: `path` is either the old file or the complete new one."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+class CheckpointManager:
+    def __init__(self, directory: str | os.PathLike, keep: int = 3, log: Callable[[str], None] = print):
+        if keep < 1:
+            raise ValueError(f"keep={keep}: must keep at least 1 checkpoint")
+        self.dir = Path(directory)
+        self.keep = keep
+        self.log = log
+
+    def path_for(self, step: int) -> Path:
+        return self.dir / f"ckpt-{step:08d}.pt"
+
+    def list(self) -> list[Path]:
+        """Complete checkpoints, newest (highest step) first."""
+        if not self.dir.is_dir():
+            return []
+        found = [(int(m.group(1)), p) for p in self.dir.iterdir() if (m := _NAME.match(p.name))]
+        return [p for _, p in sorted(found, reverse=True)]
+
+    def save(self, step: int, write: Callable[[BinaryIO], None]) -> Path:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        final = self.path_for(step)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=self.dir)
+        tmp = Path(tmp_name)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                write(f)
+                f.flush()
+                os.fsync(f.fileno())
+            digest = _sha256(tmp)
+            atomic_write(final.with_name(final.name + ".sha256"),
+                         lambda f: f.write(f"{digest}  {final.name}\n".encode()))
+            os.replace(tmp, final)
+            _fsync_dir(self.dir)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        self._prune()
+        return final
+
+    def _prune(self) -> None:
+        for old in self.list()[self.keep:]:
+            old.unlink(missing_ok=True)
+            old.with_name(old.name + ".sha256").unlink(missing_ok=True)
+
+    def verify(self, path: Path) -> None:
+        side = path.with_name(path.name + ".sha256")
+        if not side.exists():
+            return  # written by hand or by an older version: the reader's own checks must do
+        expected = side.read_text().split()[0] if side.read_text().strip() else ""
+        actual = _sha256(path)
+        if actual != expected:
+            raise CheckpointError(f"checksum mismatch (expected {expected[:12]}..., got {actual[:12]}...)")
+
+    def load_latest(self, read: Callable[[Path], T]) -> tuple[Path, T] | None:
+        """Newest checkpoint that verifies and reads; a bad one is named and skipped.
+        None when there is no checkpoint; CheckpointError when every one is bad."""
+        candidates = self.list()
+        bad = []
+        for path in candidates:
+            try:
+                return path, self.load(path, read)
+            except Exception as e:  # noqa: BLE001 - any failure to read means "corrupt", say which
+                bad.append(path.name)
+                self.log(f"checkpoint {path} is corrupt or unreadable ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''}); falling back to the previous one")
+        if bad:
+            raise CheckpointError(f"no usable checkpoint in {self.dir}: all {len(bad)} are corrupt "
+                                  f"({', '.join(bad)})")
+        return None
+
+    def load(self, path: Path, read: Callable[[Path], T]) -> T:
+        self.verify(path)
+        return read(path)

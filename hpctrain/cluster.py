@@ -1,0 +1,215 @@
+"""Where am I running? The ONLY module that reads launcher environment variables.
+
+Everything else receives a `ClusterEnv`. Detection order (first match wins): horovodrun/mpirun
+(Open MPI), srun (Slurm step), PMI/PMIx (MPICH, Intel MPI, srun --mpi=pmix without Open MPI),
+torchrun, single process (with a warning if a scheduler allocation is visible but no launcher is).
+"""
+from __future__ import annotations
+
+import os
+import socket
+import warnings
+from dataclasses import dataclass, asdict
+from typing import Mapping
+
+
+class ClusterError(RuntimeError):
+    """Launcher variables that contradict each other."""
+
+
+@dataclass(frozen=True)
+class ClusterEnv:
+    rank: int
+    local_rank: int
+    size: int
+    local_size: int
+    node_rank: int
+    launcher: str  # "openmpi" | "slurm" | "pmi" | "torchrun" | "single"
+    hostname: str = ""
+    master_addr: str | None = None  # set by torchrun / Slurm; used by torch.distributed when present
+    master_port: int | None = None
+    job_id: str | None = None
+    restart_count: int = 0  # Slurm requeue count: > 0 means this job was restarted
+
+    @property
+    def is_root(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def num_nodes(self) -> int:
+        return max(1, self.size // max(1, self.local_size))
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _int(env: Mapping[str, str], *names: str) -> int | None:
+    for name in names:
+        value = env.get(name)
+        if value is None or value == "":
+            continue
+        try:
+            return int(value)
+        except ValueError:
+            raise ClusterError(f"{name}={value!r} is not an integer") from None
+    return None
+
+
+def _first_slurm_host(nodelist: str | None) -> str | None:
+    """First host of a Slurm nodelist like 'gpu[003-010,12],login1' -> 'gpu003'."""
+    if not nodelist:
+        return None
+    head = nodelist.split(",")[0]
+    if "[" in head:
+        prefix, rest = head.split("[", 1)
+        first = rest.split("-")[0].split(",")[0].rstrip("]")
+        return prefix + first
+    return head
+
+
+def _detect_openmpi(env):
+    if "OMPI_COMM_WORLD_RANK" not in env:
+        return None
+    rank = _int(env, "OMPI_COMM_WORLD_RANK")
+    size = _int(env, "OMPI_COMM_WORLD_SIZE")
+    local_rank = _int(env, "OMPI_COMM_WORLD_LOCAL_RANK")
+    local_size = _int(env, "OMPI_COMM_WORLD_LOCAL_SIZE")
+    node_rank = _int(env, "OMPI_COMM_WORLD_NODE_RANK")
+    if node_rank is None and local_size:
+        node_rank = rank // local_size
+    return "openmpi", rank, size, local_rank, local_size, node_rank, {}
+
+
+def _detect_slurm(env):
+    # SLURM_PROCID exists only inside a job step (srun), not in the batch shell itself.
+    if "SLURM_PROCID" not in env or ("SLURM_STEP_ID" not in env and "SLURM_STEPID" not in env):
+        return None
+    rank = _int(env, "SLURM_PROCID")
+    size = _int(env, "SLURM_STEP_NUM_TASKS", "SLURM_NTASKS", "SLURM_NPROCS")
+    local_rank = _int(env, "SLURM_LOCALID")
+    node_rank = _int(env, "SLURM_NODEID")
+    local_size = _slurm_tasks_on_node(env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE"),
+                                      node_rank or 0)
+    extra = {"master_addr": _first_slurm_host(env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST")),
+             "job_id": env.get("SLURM_JOB_ID"),
+             "restart_count": _int(env, "SLURM_RESTART_COUNT") or 0}
+    return "slurm", rank, size, local_rank, local_size, node_rank, extra
+
+
+def _slurm_tasks_on_node(spec: str | None, node: int) -> int | None:
+    """'2(x3),1' -> per node counts [2,2,2,1]; return the count for `node`."""
+    if not spec:
+        return None
+    counts: list[int] = []
+    for part in spec.split(","):
+        if "(x" in part:
+            n, reps = part.rstrip(")").split("(x")
+            counts += [int(n)] * int(reps)
+        else:
+            counts.append(int(part))
+    return counts[node] if node < len(counts) else counts[-1]
+
+
+def _detect_pmi(env):
+    # PMIx (OpenPMIx-based launchers) and PMI-1/2 (MPICH Hydra, Intel MPI).
+    if "PMIX_RANK" in env:
+        rank = _int(env, "PMIX_RANK")
+        size = _int(env, "PMIX_SIZE", "PMI_SIZE")
+        local_rank = _int(env, "PMIX_LOCAL_RANK", "MPI_LOCALRANKID")
+        local_size = _int(env, "PMIX_LOCAL_SIZE", "MPI_LOCALNRANKS")
+    elif "PMI_RANK" in env:
+        rank = _int(env, "PMI_RANK")
+        size = _int(env, "PMI_SIZE")
+        local_rank = _int(env, "MPI_LOCALRANKID", "PMI_LOCAL_RANK")
+        local_size = _int(env, "MPI_LOCALNRANKS", "PMI_LOCAL_SIZE")
+    else:
+        return None
+    if size is None:
+        return None  # PMIx servers set PMIX_RANK for singletons too; without a size we know nothing
+    node_rank = rank // local_size if local_size else None
+    return "pmi", rank, size, local_rank, local_size, node_rank, {}
+
+
+def _detect_torchrun(env):
+    if "RANK" not in env or "WORLD_SIZE" not in env:
+        return None
+    rank = _int(env, "RANK")
+    size = _int(env, "WORLD_SIZE")
+    local_rank = _int(env, "LOCAL_RANK")
+    local_size = _int(env, "LOCAL_WORLD_SIZE")
+    node_rank = _int(env, "GROUP_RANK", "NODE_RANK")
+    extra = {"master_addr": env.get("MASTER_ADDR"), "master_port": _int(env, "MASTER_PORT")}
+    return "torchrun", rank, size, local_rank, local_size, node_rank, extra
+
+
+DETECTORS = (_detect_openmpi, _detect_slurm, _detect_pmi, _detect_torchrun)
+
+
+def detect(env: Mapping[str, str] | None = None) -> ClusterEnv:
+    """Build the ClusterEnv from launcher variables (os.environ by default)."""
+    env = os.environ if env is None else env
+    for detector in DETECTORS:
+        found = detector(env)
+        if found is not None:
+            break
+    else:
+        if "SLURM_JOB_ID" in env:
+            warnings.warn("inside a Slurm allocation but not launched by srun/mpirun: running a single process "
+                          "(use `srun python -m ...` to start one rank per task)", stacklevel=2)
+        found = ("single", 0, 1, 0, 1, 0, {"job_id": env.get("SLURM_JOB_ID"),
+                                           "restart_count": _int(env, "SLURM_RESTART_COUNT") or 0})
+    launcher, rank, size, local_rank, local_size, node_rank, extra = found
+    if rank is None or size is None:
+        raise ClusterError(f"{launcher}: rank or world size missing (rank={rank}, size={size})")
+    local_rank = 0 if local_rank is None and size == 1 else local_rank
+    if local_rank is None:
+        raise ClusterError(f"{launcher}: local rank missing for rank {rank} of {size}")
+    local_size = local_size if local_size is not None else (1 if size == 1 else None)
+    if local_size is None:
+        raise ClusterError(f"{launcher}: local size missing for rank {rank} of {size}")
+    node_rank = node_rank if node_rank is not None else 0
+    env_obj = ClusterEnv(rank=rank, local_rank=local_rank, size=size, local_size=local_size,
+                         node_rank=node_rank, launcher=launcher, hostname=socket.gethostname(),
+                         master_addr=extra.get("master_addr"), master_port=extra.get("master_port"),
+                         job_id=extra.get("job_id"), restart_count=extra.get("restart_count", 0))
+    validate(env_obj)
+    return env_obj
+
+
+def validate(c: ClusterEnv) -> None:
+    if c.size < 1:
+        raise ClusterError(f"{c.launcher}: world size {c.size} must be >= 1")
+    if not 0 <= c.rank < c.size:
+        raise ClusterError(f"{c.launcher}: rank {c.rank} is outside 0..{c.size - 1} (world size {c.size})")
+    if not 1 <= c.local_size <= c.size:
+        raise ClusterError(f"{c.launcher}: local size {c.local_size} must be in 1..{c.size} (world size)")
+    if not 0 <= c.local_rank < c.local_size:
+        raise ClusterError(f"{c.launcher}: local rank {c.local_rank} is outside 0..{c.local_size - 1} "
+                           f"(local size {c.local_size})")
+    if c.node_rank < 0:
+        raise ClusterError(f"{c.launcher}: node rank {c.node_rank} must be >= 0")
+
+
+def threads_per_rank(cluster: ClusterEnv, cores: int | None = None, env: Mapping[str, str] | None = None) -> int:
+    """Cores on this node shared by the ranks on it; an explicit OMP_NUM_THREADS or Slurm's
+    --cpus-per-task wins (the user or the scheduler knows the binding)."""
+    env = os.environ if env is None else env
+    explicit = _int(env, "OMP_NUM_THREADS") or _int(env, "SLURM_CPUS_PER_TASK")
+    if explicit:
+        return explicit
+    if cores is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        # An MPI launcher may have bound each rank to a core already: that affinity *is* our share.
+        if cores <= max(1, (os.cpu_count() or 1) // cluster.local_size):
+            return max(1, cores)
+    return max(1, cores // cluster.local_size)
+
+
+def visible_gpu_index(cluster: ClusterEnv, num_gpus: int) -> int | None:
+    """GPU this rank should use: one rank per GPU, by local rank. None without GPUs."""
+    if num_gpus <= 0:
+        return None
+    if cluster.local_size > num_gpus:
+        raise ClusterError(f"{cluster.local_size} ranks on this node but only {num_gpus} GPU(s) visible; "
+                           "launch one rank per GPU or use --device cpu")
+    return cluster.local_rank % num_gpus

@@ -1,0 +1,252 @@
+"""Typed, validated configuration: one dataclass per concern, loaded from defaults < TOML < CLI.
+
+Each field carries its help text and, where it has a closed set of values, its choices; the CLI
+flags (`--section-field` or the short alias in `metadata["flag"]`) are generated from the fields,
+so a new option is one line here. Bad values raise ConfigError with one line naming the field and
+what is allowed; entry points turn it into exit code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import json
+import sys
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, get_type_hints
+
+
+class ConfigError(ValueError):
+    """A configuration value that is not allowed (one line, names field and allowed values)."""
+
+
+def opt(default, help: str, choices=None, flag: str | None = None, minimum=None, maximum=None):
+    meta = {"help": help, "choices": choices, "flag": flag, "min": minimum, "max": maximum}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class RunConfig:
+    run_dir: str = opt("runs/default", "directory for checkpoints, metrics.jsonl and TensorBoard events")
+    seed: int = opt(42, "seed for model init, data order and augmentation", minimum=0)
+    epochs: int = opt(1, "epochs to train (an epoch is one pass over the training set)", minimum=1)
+    max_steps: int = opt(0, "stop after this many optimizer steps in total (0 = no limit)", minimum=0)
+    log_every: int = opt(10, "log rank-averaged metrics every N steps", minimum=1)
+    eval_every_epoch: bool = opt(True, "evaluate top-1 on the validation set after each epoch")
+    checkpoint_every: int = opt(0, "save a checkpoint every N steps (0 = only at the end of each epoch)",
+                                minimum=0)
+    keep_checkpoints: int = opt(3, "how many of the newest checkpoints to keep", minimum=1)
+    resume: str = opt("auto", "auto = resume from the newest checkpoint in run_dir if any; never; "
+                              "or a checkpoint file path")
+    progress: str = opt("auto", "progress bar on rank 0: auto (only on a terminal), always, never",
+                        choices=["auto", "always", "never"])
+    tensorboard: bool = opt(True, "write TensorBoard event files to run_dir/tb")
+    deterministic: bool = opt(False, "use deterministic kernels (slower; exact resume equality)")
+
+
+@dataclass
+class DataConfig:
+    dataset: str = opt("shapes", "shapes (built-in, no download), synthetic, or folder (ImageNet layout)",
+                       choices=["shapes", "synthetic", "folder"])
+    path: str = opt("", "dataset root for --dataset folder: <path>/train/<class>/*.jpg and <path>/val/...")
+    image_size: int = opt(32, "training crop size in pixels", minimum=8, maximum=1024)
+    num_classes: int = opt(10, "number of classes (0 = take it from the folder)", minimum=0)
+    batch_size: int = opt(64, "per-rank batch size (per micro-batch when accumulating)", minimum=1)
+    eval_batch_size: int = opt(0, "per-rank evaluation batch size (0 = batch_size)", minimum=0)
+    workers: int = opt(2, "data-loader worker processes per rank (0 = load in the training process)",
+                       minimum=0)
+    synthetic_size: int = opt(1024, "samples per epoch for --dataset synthetic", minimum=1)
+    verify: bool = opt(True, "check every image header at start-up and skip unreadable files")
+
+
+@dataclass
+class ModelConfig:
+    arch: str = opt("resnet18", "network architecture",
+                    choices=["resnet18", "resnet34", "resnet50", "resnet101"])
+    zero_init_residual: bool = opt(False, "zero-init the last BN of each residual block (Goyal et al.)")
+
+
+@dataclass
+class OptimConfig:
+    optimizer: str = opt("sgd", "optimizer", choices=["sgd", "adamw"])
+    lr: float = opt(0.1, "base learning rate for one rank; scaled by --lr-scaling", minimum=0.0)
+    momentum: float = opt(0.9, "SGD momentum", minimum=0.0, maximum=1.0)
+    weight_decay: float = opt(5e-5, "weight decay", minimum=0.0)
+    lr_scaling: str = opt("linear", "linear = lr x world size (Goyal et al.), none = keep lr",
+                          choices=["linear", "none"])
+    warmup_epochs: float = opt(1.0, "linear warm-up from base lr to the scaled lr over this many epochs",
+                               minimum=0.0)
+    schedule: str = opt("cosine", "decay after warm-up", choices=["cosine", "step", "constant"])
+    label_smoothing: float = opt(0.0, "label smoothing for the cross-entropy loss", minimum=0.0, maximum=1.0)
+
+
+@dataclass
+class DistConfig:
+    backend: str = opt("horovod", "how gradients are combined: horovod (ring-allreduce over MPI/Gloo), "
+                                  "ddp (torch.distributed), none (single process)",
+                       choices=["horovod", "ddp", "none"])
+    fp16_allreduce: bool = opt(False, "compress gradients to fp16 for the allreduce (Horovod)")
+    adasum: bool = opt(False, "combine gradients with Adasum instead of averaging (Horovod)")
+    accumulate: int = opt(1, "backward passes per optimizer step (gradient accumulation)", minimum=1)
+    amp: str = opt("none", "mixed precision: none, bf16 (CPU or GPU), fp16 (GPU, with loss scaling)",
+                   choices=["none", "bf16", "fp16"])
+    device: str = opt("auto", "auto (GPU by local rank if available, else CPU), cpu, cuda",
+                      choices=["auto", "cpu", "cuda"])
+    threads: int = opt(0, "intra-op threads per rank (0 = cores on the node / ranks on the node)",
+                       minimum=0)
+
+
+SECTIONS = {"run": RunConfig, "data": DataConfig, "model": ModelConfig, "optim": OptimConfig,
+            "dist": DistConfig}
+
+
+@dataclass
+class TrainConfig:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+
+def _flag(section: str, f: dataclasses.Field) -> str:
+    return f.metadata.get("flag") or f"--{f.name.replace('_', '-')}"
+
+
+def _coerce(value: Any, typ: type, where: str) -> Any:
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower()
+        if text in ("1", "true", "yes", "on"):
+            return True
+        if text in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"{where}: {value!r} is not a boolean (allowed: true, false)")
+    if typ is int:
+        if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+            raise ConfigError(f"{where}: {value!r} is not an integer")
+        try:
+            return int(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: {value!r} is not an integer") from None
+    if typ is float:
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: {value!r} is not a number") from None
+    return str(value)
+
+
+def _check(section: str, f: dataclasses.Field, value: Any) -> None:
+    m = f.metadata
+    where = f"{section}.{f.name} ({_flag(section, f)})"
+    if m.get("choices") and value not in m["choices"]:
+        raise ConfigError(f"{where}: {value!r} is not allowed (allowed: {', '.join(m['choices'])})")
+    if m.get("min") is not None and value < m["min"]:
+        raise ConfigError(f"{where}: {value!r} is below the minimum {m['min']}")
+    if m.get("max") is not None and value > m["max"]:
+        raise ConfigError(f"{where}: {value!r} is above the maximum {m['max']}")
+
+
+def set_value(cfg: TrainConfig, section: str, name: str, value: Any) -> None:
+    obj = getattr(cfg, section)
+    f = next(f for f in fields(obj) if f.name == name)
+    typ = get_type_hints(type(obj))[name]
+    coerced = _coerce(value, typ, f"{section}.{name} ({_flag(section, f)})")
+    _check(section, f, coerced)
+    setattr(obj, name, coerced)
+
+
+def load_toml(cfg: TrainConfig, path: str) -> None:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"--config: {path!r} does not exist or is not a file")
+    try:
+        data = tomllib.loads(p.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"--config {path}: not valid TOML ({e})") from None
+    for section, values in data.items():
+        if section not in SECTIONS or not isinstance(values, dict):
+            raise ConfigError(f"{path}: unknown section [{section}] (allowed: {', '.join(SECTIONS)})")
+        known = [f.name for f in fields(SECTIONS[section])]
+        for name, value in values.items():
+            if name not in known:
+                hint = difflib.get_close_matches(name, known, n=1)
+                raise ConfigError(f"{path}: unknown key {section}.{name}"
+                                  + (f" (did you mean {hint[0]}?)" if hint else f" (allowed: {', '.join(known)})"))
+            set_value(cfg, section, name, value)
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse, but errors are one line ('prog: error: ...') and exit 2, without the usage dump."""
+
+    def error(self, message: str):
+        if "unrecognized arguments" in message:
+            bad = message.split(":", 1)[1].split()
+            known = [a for action in self._actions for a in action.option_strings]
+            hints = [m for b in bad for m in difflib.get_close_matches(b.split("=")[0], known, n=1)]
+            message += f" (did you mean {', '.join(hints)}?)" if hints else " (see --help for the options)"
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def build_parser(prog: str, extra: TrainConfig | None = None) -> argparse.ArgumentParser:
+    defaults = extra or TrainConfig()
+    p = _OneLineParser(prog=prog, description="Train with Horovod/DDP on any launcher "
+                                              "(horovodrun, mpirun, srun, single process).",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--config", help="TOML file with [run], [data], [model], [optim], [dist] sections")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
+    for section in SECTIONS:
+        group = p.add_argument_group(section)
+        hints = get_type_hints(SECTIONS[section])
+        for f in fields(getattr(defaults, section)):
+            # A bare boolean flag (--adasum) means true; --adasum false also works.
+            bare = {"nargs": "?", "const": "true"} if hints[f.name] is bool else {}
+            # Values stay strings here; coercion and checks happen in set_value, so CLI and TOML
+            # give the same messages.
+            group.add_argument(_flag(section, f), dest=f"{section}.{f.name}", default=None, **bare, metavar="V"
+                               if not f.metadata.get("choices") else "{" + ",".join(f.metadata["choices"]) + "}",
+                               help=f"{f.metadata['help']} (default: {getattr(getattr(defaults, section), f.name)})")
+    return p
+
+
+def parse(argv: list[str] | None, prog: str) -> TrainConfig:
+    """defaults < --config TOML < CLI flags. Raises ConfigError on a bad value."""
+    args = build_parser(prog).parse_args(argv)
+    cfg = TrainConfig()
+    if args.config:
+        load_toml(cfg, args.config)
+    for key, value in vars(args).items():
+        if "." in key and value is not None:
+            section, name = key.split(".", 1)
+            set_value(cfg, section, name, value)
+    validate(cfg)
+    if args.print_config:
+        print(json.dumps(cfg.to_dict(), indent=2, sort_keys=True))
+        sys.exit(0)
+    return cfg
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Checks that span fields."""
+    if cfg.data.dataset == "folder" and not cfg.data.path:
+        raise ConfigError("data.path (--path): required with --dataset folder (a directory holding train/ and val/)")
+    if cfg.dist.adasum and cfg.dist.backend != "horovod":
+        raise ConfigError(f"dist.adasum (--adasum): needs --backend horovod, not {cfg.dist.backend!r}")
+    if cfg.dist.fp16_allreduce and cfg.dist.backend != "horovod":
+        raise ConfigError(f"dist.fp16_allreduce (--fp16-allreduce): needs --backend horovod, "
+                          f"not {cfg.dist.backend!r}")
+    if cfg.run.resume not in ("auto", "never") and not Path(cfg.run.resume).is_file():
+        raise ConfigError(f"run.resume (--resume): {cfg.run.resume!r} is not a checkpoint file "
+                          "(allowed: auto, never, or an existing file)")

@@ -1,0 +1,1 @@
+"""Training engines: PyTorch now (engine/torch.py), TensorFlow later."""

@@ -1,0 +1,259 @@
+"""PyTorch engine: set up the process, build loaders and optimizer, and the Trainer.
+
+The Trainer receives a built model, optimizer and loaders and a backend that knows how gradients
+are combined; it exposes `train_step`, `train`, `evaluate`, `state_dict` / `load_state_dict`.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from hpctrain.backends import build_backend
+from hpctrain.checkpoint import CheckpointManager
+from hpctrain.cluster import ClusterEnv, threads_per_rank, visible_gpu_index
+from hpctrain.config import ConfigError, TrainConfig
+from hpctrain.data.sharding import ShardedBatchSampler
+from hpctrain.metrics import MetricsLogger, Throughput
+from hpctrain.schedule import lr_at, scaled_lr
+
+
+@dataclass
+class Runtime:
+    cluster: ClusterEnv
+    device: torch.device
+    threads: int
+    backend: object
+
+
+def setup(cfg: TrainConfig, cluster: ClusterEnv) -> Runtime:
+    """Pin the device by local rank, size the thread pool, seed, and start the backend."""
+    d = cfg.dist
+    gpus = torch.cuda.device_count() if d.device != "cpu" else 0
+    if d.device == "cuda" and gpus == 0:
+        raise ConfigError("dist.device (--device): 'cuda' requested but no GPU is visible (allowed here: auto, cpu)")
+    gpu = visible_gpu_index(cluster, gpus)
+    if gpu is not None:
+        torch.cuda.set_device(gpu)  # one GPU per rank, chosen by local rank
+    device = torch.device("cuda", gpu) if gpu is not None else torch.device("cpu")
+    if d.amp == "fp16" and device.type != "cuda":
+        raise ConfigError("dist.amp (--amp): 'fp16' needs a GPU (allowed on CPU: none, bf16)")
+    threads = d.threads or threads_per_rank(cluster)
+    torch.set_num_threads(threads)  # ranks sharing a node split its cores instead of oversubscribing
+    torch.manual_seed(cfg.run.seed)
+    if cfg.run.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+    backend = build_backend(d, cluster, device)
+    return Runtime(cluster=cluster, device=device, threads=threads, backend=backend)
+
+
+def make_loader(source, sampler, workers: int, device: torch.device) -> torch.utils.data.DataLoader:
+    # The sampler yields lists of (index, epoch) keys; workers decode/augment, the main process trains.
+    return torch.utils.data.DataLoader(source, batch_sampler=sampler, num_workers=workers,
+                                       pin_memory=device.type == "cuda", persistent_workers=workers > 0,
+                                       prefetch_factor=4 if workers > 0 else None)
+
+
+def build_optimizer(model: nn.Module, cfg) -> torch.optim.Optimizer:
+    # No weight decay on biases and BN parameters (standard for ResNet/BERT recipes).
+    decay = [p for p in model.parameters() if p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=False)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.lr)
+    raise ConfigError(f"optim.optimizer (--optimizer): {cfg.optimizer!r} is not allowed (allowed: sgd, adamw)")
+
+
+class Trainer:
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, train_loader, val_loader,
+                 runtime: Runtime, cfg: TrainConfig, loss_fn: nn.Module | None = None):
+        self.rt, self.cfg = runtime, cfg
+        self.backend, self.device, self.cluster = runtime.backend, runtime.device, runtime.cluster
+        self.model, self.optimizer = self.backend.wrap(model.to(self.device), optimizer)
+        self.train_loader, self.val_loader = train_loader, val_loader
+        self.sampler: ShardedBatchSampler = train_loader.batch_sampler
+        self.loss_fn = loss_fn or nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
+        amp = cfg.dist.amp
+        self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+        # fp16 gradients underflow without loss scaling; bf16 has fp32's range and needs none.
+        self.scaler = torch.amp.GradScaler("cuda") if amp == "fp16" else None
+        self.step = 0
+        self.accumulate = cfg.dist.accumulate
+        self.steps_per_epoch = len(self.sampler) // self.accumulate
+        if self.steps_per_epoch < 1:
+            raise ConfigError(f"data.batch_size (--batch-size): {cfg.data.batch_size} x accumulate "
+                              f"{self.accumulate} x {self.cluster.size} rank(s) is more than the "
+                              f"{self.sampler.num_samples} training samples: not one step per epoch")
+        self.total_steps = self.steps_per_epoch * cfg.run.epochs  # the LR schedule's horizon
+        o = cfg.optim
+        self.base_lr = o.lr
+        self.peak_lr = scaled_lr(o.lr, self.cluster.size, o.lr_scaling)
+        self.warmup_steps = int(round(o.warmup_epochs * self.steps_per_epoch))
+        self.checkpoints = CheckpointManager(Path(cfg.run.run_dir) / "checkpoints", cfg.run.keep_checkpoints,
+                                             log=self.log)
+        self.logger: MetricsLogger | None = None
+
+    # ---- helpers -------------------------------------------------------------------------------
+    def log(self, message: str) -> None:
+        if self.cluster.rank == 0:
+            (self.logger.info if self.logger else print)(message)
+
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
+
+    def lr(self, step: int) -> float:
+        return lr_at(step, base_lr=self.base_lr, peak_lr=self.peak_lr, warmup_steps=self.warmup_steps,
+                     total_steps=self.total_steps, schedule=self.cfg.optim.schedule)
+
+    def sync_buffers(self) -> None:
+        """Average BatchNorm running statistics so every rank evaluates and saves the same model."""
+        for buf in self.backend.unwrap(self.model).buffers():
+            if buf.is_floating_point():
+                buf.copy_(self.backend.allreduce(buf, "mean"))
+
+    # ---- one step --------------------------------------------------------------------------------
+    def train_step(self, micro_batches) -> torch.Tensor:
+        """Forward/backward over the micro-batches, combine gradients, update. Returns the local
+        [loss x samples, correct, samples] (not yet reduced: no sync on the hot path)."""
+        self.model.train()
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr(self.step)
+        self.optimizer.zero_grad(set_to_none=True)
+        stats = torch.zeros(3, dtype=torch.float64, device=self.device)
+        n_micro = len(micro_batches)
+        for i, (x, y) in enumerate(micro_batches):
+            x = x.to(self.device, non_blocking=True)
+            y = y.to(self.device, non_blocking=True)
+            with self.backend.accumulation(self.model, last=i == n_micro - 1):
+                with self._autocast():
+                    logits = self.model(x)
+                    loss = self.loss_fn(logits, y)
+                scaled = loss / n_micro  # mean over the whole accumulated batch
+                (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+            stats += torch.stack([loss.detach().double() * y.numel(),
+                                  (logits.detach().argmax(1) == y).sum().double(),
+                                  torch.tensor(float(y.numel()), dtype=torch.float64, device=self.device)])
+        self.backend.step(self.optimizer, self.scaler)
+        self.step += 1
+        return stats
+
+    # ---- loop ------------------------------------------------------------------------------------
+    def train(self) -> dict:
+        cfg = self.cfg.run
+        limit = min(self.total_steps, cfg.max_steps) if cfg.max_steps else self.total_steps
+        self.logger = MetricsLogger(cfg.run_dir, enabled=self.cluster.rank == 0, total_steps=limit,
+                                    progress=cfg.progress, tensorboard=cfg.tensorboard, initial_step=self.step)
+        per_step = self.cfg.data.batch_size * self.accumulate
+        result: dict = {}
+        window = torch.zeros(3, dtype=torch.float64, device=self.device)
+        window_start, window_steps = time.perf_counter(), 0
+        while self.step < limit:
+            epoch, offset = divmod(self.step, self.steps_per_epoch)
+            self.sampler.set_epoch(epoch, skip_batches=offset * self.accumulate)
+            epoch_rate = Throughput()
+            batches = iter(self.train_loader)
+            for _ in range(offset, self.steps_per_epoch):
+                micro = [next(batches) for _ in range(self.accumulate)]
+                window += self.train_step(micro)
+                window_steps += 1
+                epoch_rate.update(per_step)
+                self.logger.advance()
+                if self.step % cfg.log_every == 0 or self.step == limit:
+                    # Metrics: one allreduce per log interval, not per step.
+                    total = self.backend.allreduce(window, "sum").tolist()
+                    rate = per_step * window_steps / (time.perf_counter() - window_start)
+                    rates = self.backend.allreduce(torch.tensor([rate], dtype=torch.float64), "sum").item()
+                    result = {"loss": total[0] / total[2], "accuracy": total[1] / total[2],
+                              "lr": self.lr(self.step - 1), "epoch": epoch,
+                              "samples_per_s_rank": rates / self.cluster.size, "samples_per_s_total": rates}
+                    self.logger.log(self.step, "train", result)
+                    window.zero_()
+                    window_start, window_steps = time.perf_counter(), 0
+                if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
+                    self.save()
+                if self.step >= limit:
+                    break
+            epoch_done = self.step % self.steps_per_epoch == 0
+            if epoch_done:
+                self.logger.log(self.step, "epoch", {"epoch": epoch, "samples_per_s_rank": epoch_rate.rate()})
+                if cfg.eval_every_epoch and self.val_loader is not None:
+                    result.update(self.evaluate())
+            if not (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0):
+                self.save()  # end of epoch or stop at max_steps: always resumable from here
+        return result
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Top-1 over the whole validation set: each rank scores its shard, counts are summed."""
+        self.sync_buffers()
+        self.model.eval()
+        stats = torch.zeros(3, dtype=torch.float64, device=self.device)
+        for x, y in self.val_loader:
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            with self._autocast():
+                logits = self.model(x)
+            loss = self.loss_fn(logits.float(), y)
+            stats += torch.stack([loss.double() * y.numel(), (logits.argmax(1) == y).sum().double(),
+                                  torch.tensor(float(y.numel()), dtype=torch.float64, device=self.device)])
+        total = self.backend.allreduce(stats, "sum").tolist()
+        metrics = {"val_loss": total[0] / max(1.0, total[2]), "val_top1": total[1] / max(1.0, total[2]),
+                   "val_samples": int(total[2])}
+        if self.logger:
+            self.logger.log(self.step, "eval", metrics)
+        return metrics
+
+    # ---- state ---------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"model": self.backend.unwrap(self.model).state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scaler": self.scaler.state_dict() if self.scaler else None, "step": self.step,
+                "world_size": self.cluster.size, "config": self.cfg.to_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.backend.unwrap(self.model).load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scaler and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.step = int(state["step"])
+
+    def save(self) -> None:
+        self.sync_buffers()  # collective: every rank takes part, only rank 0 writes
+        if self.cluster.rank == 0:
+            state = self.state_dict()
+            path = self.checkpoints.save(self.step, lambda f: torch.save(state, f))
+            self.log(f"saved checkpoint {path} (step {self.step})")
+
+    def resume(self) -> int:
+        """Rank 0 reads the newest good checkpoint (or --resume FILE); its state goes to every rank."""
+        mode = self.cfg.run.resume
+        found = None
+        if mode != "never" and self.cluster.rank == 0:
+            read = lambda p: torch.load(p, map_location="cpu", weights_only=True)  # noqa: E731
+            if mode == "auto":
+                found = self.checkpoints.load_latest(read)
+            else:
+                found = (Path(mode), self.checkpoints.load(Path(mode), read))
+            if found:
+                self.load_state_dict(found[1])
+                if found[1].get("world_size") != self.cluster.size:
+                    self.log(f"note: checkpoint was written by {found[1].get('world_size')} rank(s), "
+                             f"now {self.cluster.size}: data order per rank changes from here")
+                self.log(f"resumed from {found[0]} at step {self.step}")
+        # Every rank gets rank 0's weights, optimizer state and step, resumed or freshly initialised.
+        self.backend.broadcast_state(self.model, self.optimizer)
+        self.step = self.backend.broadcast_object(self.step)
+        return self.step
+
+    def close(self) -> None:
+        if self.logger:
+            self.logger.close()
+        self.backend.shutdown()
+

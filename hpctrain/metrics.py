@@ -1,0 +1,92 @@
+"""Rank-0 reporting: progress bar, JSONL metrics, TensorBoard events, throughput. Framework-neutral.
+
+Values arrive already averaged across ranks (the engine does the allreduce); this module only
+times, formats and writes. Non-root ranks get a logger whose methods do nothing, so callers never
+branch on rank.
+"""
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+from tqdm import tqdm
+
+
+class Throughput:
+    """Samples per second over a window, excluding the first `warmup` calls (allocator, caches)."""
+
+    def __init__(self, warmup: int = 2):
+        self.warmup = warmup
+        self.reset()
+
+    def reset(self):
+        self.calls, self.samples, self.start = 0, 0, None
+
+    def update(self, samples: int) -> None:
+        self.calls += 1
+        if self.calls == self.warmup:
+            self.start = time.perf_counter()  # timing starts after the warm-up steps have finished
+        elif self.calls > self.warmup:
+            self.samples += samples
+
+    def rate(self) -> float:
+        if self.start is None or self.samples == 0:
+            return float("nan")
+        return self.samples / (time.perf_counter() - self.start)
+
+
+class MetricsLogger:
+    def __init__(self, run_dir: str | Path, enabled: bool, total_steps: int, progress: str = "auto",
+                 tensorboard: bool = True, initial_step: int = 0):
+        self.enabled = enabled
+        self.bar = None
+        self.jsonl = None
+        self.tb = None
+        if not enabled:
+            return
+        run_dir = Path(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.jsonl = open(run_dir / "metrics.jsonl", "a", buffering=1)
+        if tensorboard:
+            from tensorboard.summary import Writer  # numpy-only writer: no framework import
+            self.tb = Writer(str(run_dir / "tb"))
+        show = progress == "always" or (progress == "auto" and sys.stderr.isatty())
+        if show:
+            self.bar = tqdm(total=total_steps, initial=initial_step, unit="step", dynamic_ncols=True)
+
+    def info(self, message: str) -> None:
+        if not self.enabled:
+            return
+        (self.bar.write if self.bar else print)(message, **({} if self.bar else {"flush": True}))
+
+    def log(self, step: int, kind: str, values: dict) -> None:
+        """One record: JSONL line, TensorBoard scalars under `kind/`, progress-bar postfix."""
+        if not self.enabled:
+            return
+        clean = {k: (float(v) if isinstance(v, (int, float)) else v) for k, v in values.items()}
+        self.jsonl.write(json.dumps({"kind": kind, "step": step, "time": time.time(), **clean}) + "\n")
+        if self.tb:
+            for k, v in clean.items():
+                if isinstance(v, float) and math.isfinite(v):
+                    self.tb.add_scalar(f"{kind}/{k}", v, step=step)
+        if self.bar and kind == "train":
+            self.bar.set_postfix({k: f"{v:.4g}" for k, v in clean.items() if isinstance(v, float)}, refresh=False)
+        elif not self.bar:
+            shown = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in clean.items())
+            print(f"[{kind} step {step}] {shown}", flush=True)
+
+    def advance(self, steps: int = 1) -> None:
+        if self.bar:
+            self.bar.update(steps)
+
+    def close(self) -> None:
+        if self.bar:
+            self.bar.close()
+        if self.jsonl:
+            self.jsonl.close()
+        if self.tb:
+            self.tb.close()
+        self.bar = self.jsonl = self.tb = None

@@ -1,0 +1,1 @@
+"""Model architectures. They know nothing about distribution."""

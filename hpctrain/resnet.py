@@ -1,0 +1,46 @@
+"""ResNet image classification: `python -m hpctrain.resnet [--config FILE] [flags]` under any launcher."""
+from __future__ import annotations
+
+import sys
+
+from hpctrain.checkpoint import CheckpointError
+from hpctrain.cli import fail, start
+from hpctrain.config import ConfigError
+from hpctrain.data.images import DataError, build_image_sources
+from hpctrain.data.sharding import ShardedBatchSampler
+
+PROG = "hpctrain.resnet"
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg, cluster = start(argv, PROG)
+    from hpctrain.engine.torch import Trainer, build_optimizer, make_loader, setup  # torch loads after arg checks
+    from hpctrain.models.resnet import build_resnet
+    try:
+        rt = setup(cfg, cluster)
+        d = cfg.data
+        train_src, val_src = build_image_sources(d.dataset, d.path or None, d.image_size, d.num_classes,
+                                                 cfg.run.seed, d.synthetic_size, d.verify,
+                                                 log=print if cluster.rank == 0 else (lambda *_: None))
+        train_sampler = ShardedBatchSampler(len(train_src), cluster.rank, cluster.size, d.batch_size, cfg.run.seed)
+        val_sampler = ShardedBatchSampler(len(val_src), cluster.rank, cluster.size, d.eval_batch_size or d.batch_size,
+                                          cfg.run.seed, shuffle=False, drop_last=False, pad=False)
+        model = build_resnet(cfg.model.arch, train_src.num_classes, cfg.model.zero_init_residual)
+        trainer = Trainer(model, build_optimizer(model, cfg.optim),
+                          make_loader(train_src, train_sampler, d.workers, rt.device),
+                          make_loader(val_src, val_sampler, d.workers, rt.device), rt, cfg)
+        trainer.log(f"{PROG}: {cfg.model.arch}, {rt.backend.name} backend, device {rt.device}, "
+                    f"{rt.threads} thread(s) per rank, {trainer.steps_per_epoch} steps/epoch")
+        trainer.resume()
+        result = trainer.train()
+        trainer.close()
+    except (ConfigError, DataError, CheckpointError) as e:
+        fail(PROG, str(e))
+    if cluster.rank == 0:
+        print(f"{PROG}: done at step {trainer.step}: " + ", ".join(f"{k}={v:.4g}" for k, v in result.items()
+                                                                  if isinstance(v, float)), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,24 @@
+"""Learning-rate schedule as a pure function of the step: framework-neutral and trivially resumable."""
+from __future__ import annotations
+
+import math
+
+
+def scaled_lr(base_lr: float, world_size: int, scaling: str) -> float:
+    """Goyal et al.: with k times the global batch, use k times the learning rate."""
+    return base_lr * world_size if scaling == "linear" else base_lr
+
+
+def lr_at(step: int, *, base_lr: float, peak_lr: float, warmup_steps: int, total_steps: int,
+          schedule: str) -> float:
+    """Linear warm-up from base_lr to peak_lr, then cosine / step (x0.1 at 1/2 and 3/4) / constant."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return base_lr + (peak_lr - base_lr) * step / warmup_steps
+    if schedule == "constant" or total_steps <= warmup_steps:
+        return peak_lr
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    if schedule == "cosine":
+        return peak_lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+    if schedule == "step":
+        return peak_lr * (0.1 ** (int(progress >= 0.5) + int(progress >= 0.75)))
+    raise ValueError(f"schedule {schedule!r} is not one of: cosine, step, constant")

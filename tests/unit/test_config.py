@@ -1,0 +1,59 @@
+"""Config: defaults < TOML < CLI, one-line errors naming the field and the allowed values."""
+import subprocess
+import sys
+
+import pytest
+
+from hpctrain.config import ConfigError, TrainConfig, parse
+
+
+def test_defaults_and_cli_override():
+    cfg = parse(["--arch", "resnet50", "--lr", "0.05", "--adasum", "--batch-size", "16"], "t")
+    assert cfg.model.arch == "resnet50" and cfg.optim.lr == 0.05 and cfg.dist.adasum is True
+    assert cfg.data.batch_size == 16 and cfg.data.dataset == TrainConfig().data.dataset
+
+
+def test_toml_then_cli(tmp_path):
+    f = tmp_path / "c.toml"
+    f.write_text('[model]\narch = "resnet34"\n[optim]\nlr = 0.2\n[dist]\nfp16_allreduce = true\n')
+    cfg = parse(["--config", str(f), "--lr", "0.3"], "t")
+    assert cfg.model.arch == "resnet34" and cfg.optim.lr == 0.3 and cfg.dist.fp16_allreduce is True
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--arch", "resnet9"], "model.arch (--arch): 'resnet9' is not allowed (allowed: resnet18, resnet34, resnet50, resnet101)"),
+    (["--batch-size", "0"], "data.batch_size (--batch-size): 0 is below the minimum 1"),
+    (["--batch-size", "many"], "'many' is not an integer"),
+    (["--amp", "fp8"], "allowed: none, bf16, fp16"),
+    (["--dataset", "folder"], "required with --dataset folder"),
+    (["--backend", "ddp", "--adasum"], "needs --backend horovod"),
+    (["--resume", "/nonexistent.pt"], "is not a checkpoint file"),
+])
+def test_bad_values(argv, words):
+    with pytest.raises(ConfigError) as e:
+        parse(argv, "t")
+    assert words in str(e.value) and "\n" not in str(e.value)
+
+
+def test_bad_toml(tmp_path):
+    f = tmp_path / "c.toml"
+    f.write_text("[optim]\nlearning_rate = 1\n")
+    with pytest.raises(ConfigError, match="unknown key optim.learning_rate"):
+        parse(["--config", str(f)], "t")
+    f.write_text("[optimizer]\nlr = 1\n")
+    with pytest.raises(ConfigError, match=r"unknown section \[optimizer\]"):
+        parse(["--config", str(f)], "t")
+    with pytest.raises(ConfigError, match="does not exist"):
+        parse(["--config", str(tmp_path / "missing.toml")], "t")
+
+
+def test_cli_errors_are_one_line_exit_2():
+    # Real process: unknown option and bad choice each print one line and exit 2, before torch loads.
+    for argv, words in [(["--lerning-rate", "1"], "did you mean --learning"), (["--lr", "x"], "not a number"),
+                        (["--schedule", "linear"], "allowed: cosine, step, constant")]:
+        p = subprocess.run([sys.executable, "-m", "hpctrain.resnet", *argv], capture_output=True, text=True,
+                           timeout=60)
+        assert p.returncode == 2, p.stderr
+        lines = [line for line in p.stderr.splitlines() if line.strip()]
+        assert len(lines) == 1, p.stderr
+        assert "error:" in lines[0] and (words in lines[0] or "did you mean" in lines[0]), lines[0]

@@ -1,0 +1,50 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from hpctrain.metrics import MetricsLogger
+from hpctrain.schedule import lr_at, scaled_lr
+
+
+def test_linear_scaling_and_warmup():
+    peak = scaled_lr(0.1, 8, "linear")
+    assert peak == pytest.approx(0.8) and scaled_lr(0.1, 8, "none") == 0.1
+    kw = dict(base_lr=0.1, peak_lr=peak, warmup_steps=10, total_steps=110)
+    assert lr_at(0, schedule="cosine", **kw) == pytest.approx(0.1)
+    assert lr_at(5, schedule="cosine", **kw) == pytest.approx(0.45)
+    assert lr_at(10, schedule="cosine", **kw) == pytest.approx(0.8)
+    assert lr_at(60, schedule="cosine", **kw) == pytest.approx(0.4)
+    assert lr_at(110, schedule="cosine", **kw) == pytest.approx(0.0, abs=1e-12)
+    assert lr_at(90, schedule="step", **kw) == pytest.approx(0.008)
+    assert lr_at(90, schedule="constant", **kw) == pytest.approx(0.8)
+
+
+def test_metrics_logger_writes_jsonl_and_tensorboard(tmp_path):
+    m = MetricsLogger(tmp_path, enabled=True, total_steps=2, progress="never")
+    m.log(1, "train", {"loss": 2.5, "epoch": 0})
+    m.log(2, "train", {"loss": 2.0, "epoch": 0})
+    m.close()
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["loss"]) for r in rows] == [(1, 2.5), (2, 2.0)]
+    events = list((tmp_path / "tb").glob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 0
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(str(tmp_path / "tb"))
+    acc.Reload()
+    from tensorboard.util.tensor_util import make_ndarray
+    assert [float(make_ndarray(e.tensor_proto)) for e in acc.Tensors("train/loss")] == [2.5, 2.0]
+
+
+def test_disabled_logger_writes_nothing(tmp_path):
+    m = MetricsLogger(tmp_path / "r1", enabled=False, total_steps=1)
+    m.log(1, "train", {"loss": 1.0})
+    m.close()
+    assert not (tmp_path / "r1").exists()
+
+
+def test_framework_neutral_modules_do_not_import_torch():
+    code = ("import sys, hpctrain.cluster, hpctrain.config, hpctrain.checkpoint, hpctrain.metrics, "
+            "hpctrain.schedule, hpctrain.data.sharding; assert 'torch' not in sys.modules, 'torch imported'")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
