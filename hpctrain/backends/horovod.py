@@ -13,6 +13,7 @@ class HorovodBackend(LocalBackend):
     def __init__(self, cfg, cluster, device):
         super().__init__(cfg, cluster, device)
         hvd.init()
+        self._broadcasts = 0
         if (hvd.rank(), hvd.size()) != (cluster.rank, cluster.size):
             raise RuntimeError(f"Horovod sees rank {hvd.rank()} of {hvd.size()} but the launcher says "
                                f"{cluster.rank} of {cluster.size} ({cluster.launcher}): is mpi4py/Horovod "
@@ -37,7 +38,10 @@ class HorovodBackend(LocalBackend):
             optimizer.load_state_dict(state)
 
     def broadcast_object(self, obj):
-        return hvd.broadcast_object(obj, root_rank=0)
+        # Horovod names the collective after type(obj) unless told: None on the receivers and a
+        # dict on rank 0 would never match (deadlock). A per-call counter keeps names equal and unique.
+        self._broadcasts += 1
+        return hvd.broadcast_object(obj, root_rank=0, name=f"hpctrain.object.{self._broadcasts}")
 
     def allreduce(self, tensor: torch.Tensor, op: str = "mean") -> torch.Tensor:
         return hvd.allreduce(tensor, op=hvd.Average if op == "mean" else hvd.Sum)

@@ -127,7 +127,7 @@ class Trainer:
         self.model.train()
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr(self.step)
-        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer.zero_grad()  # Horovod's override takes no set_to_none; torch defaults to it
         stats = torch.zeros(3, dtype=torch.float64, device=self.device)
         n_micro = len(micro_batches)
         for i, (x, y) in enumerate(micro_batches):

@@ -1,0 +1,1 @@
+"""Datasets and samplers: framework-neutral (numpy + Pillow), keyed by (index, epoch)."""
