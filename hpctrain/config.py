@@ -96,6 +96,9 @@ class DistConfig:
                    choices=["none", "bf16", "fp16"])
     device: str = opt("auto", "auto (GPU by local rank if available, else CPU), cpu, cuda",
                       choices=["auto", "cpu", "cuda"])
+    hvd_cycle_time_ms: float = opt(0.0, "Horovod negotiation cycle in ms (0 = 10 on CPU, Horovod's own on GPU; "
+                                        "its 1 ms default halved CPU throughput with ranks filling the cores)",
+                                   minimum=0.0)
     threads: int = opt(0, "intra-op threads per rank (0 = cores on the node / ranks on the node)",
                        minimum=0)
 

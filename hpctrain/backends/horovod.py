@@ -1,6 +1,8 @@
 """Horovod: ring-allreduce over MPI (or Gloo under horovodrun --gloo), hooked into the optimizer."""
 from __future__ import annotations
 
+import os
+
 import horovod.torch as hvd
 import torch
 
@@ -12,6 +14,13 @@ class HorovodBackend(LocalBackend):
 
     def __init__(self, cfg, cluster, device):
         super().__init__(cfg, cluster, device)
+        # Horovod reads its tuning from the environment at init. Measured on 2 CPU cores, 2 ranks:
+        # cycle 1 ms (default) 39 img/s/rank, 5 ms 80, 10 ms 78, 20 ms 89 (ResNet-18, 32 px).
+        # An explicit --hvd-cycle-time-ms wins; else a value set by the user/horovodrun; else ours.
+        if cfg.hvd_cycle_time_ms:
+            os.environ["HOROVOD_CYCLE_TIME"] = str(cfg.hvd_cycle_time_ms)
+        elif device.type == "cpu":
+            os.environ.setdefault("HOROVOD_CYCLE_TIME", "10")
         hvd.init()
         self._broadcasts = 0
         if (hvd.rank(), hvd.size()) != (cluster.rank, cluster.size):
