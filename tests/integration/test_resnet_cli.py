@@ -105,3 +105,14 @@ def test_bad_input_one_line_exit_2(tmp_path, argv, words):
     errors = [line for line in p.stderr.splitlines() if "error:" in line]
     assert len(errors) == 1 and subst.get(words, words) in errors[0], p.stderr
     assert "Traceback" not in p.stderr
+
+
+@pytest.mark.parametrize("flags", [["--amp", "bf16"], ["--backend", "ddp", "--accumulate", "2"]])
+def test_cli_amp_and_ddp(tmp_path, flags):
+    run_dir = tmp_path / "run"
+    backend = [] if "--backend" in flags else ["--backend", "none"]
+    launcher, np_ = ("mpirun", 2) if "ddp" in flags else ("single", 1)
+    _ok(run(launcher, np_, [*TINY, *backend, *flags, "--synthetic-size", "256", "--run-dir", str(run_dir),
+                            "--max-steps", "3"]))
+    losses = [r["loss"] for r in _records(run_dir, "train")]
+    assert len(losses) == 3 and all(np.isfinite(losses)) and all(0 < x < 20 for x in losses)
