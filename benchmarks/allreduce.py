@@ -1,0 +1,205 @@
+"""Allreduce bandwidth: hpctrain's gradient path beside raw Horovod, raw mpi4py, torch.distributed
+(gloo on CPU, nccl on GPU) and a numpy copy, all in one run.
+
+    mpirun -np 2 python benchmarks/allreduce.py [--min-bytes 4K] [--max-bytes 256M] [--out DIR]
+
+algbw = bytes / time; busbw = algbw x 2(n-1)/n (nccl-tests' definition: the traffic each link
+carries in a ring). Each point: warm-up, then repeats of a timed loop; mean +/- 1.96 sd over repeats,
+per rank and over all ranks. Horovod variants (cycle time, fusion threshold, fp16 compression) need
+a fresh hvd.init, which works because mpi4py owns MPI (Horovod then leaves it initialised on shutdown).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+from mpi4py import MPI  # first: MPI belongs to mpi4py, so Horovod can be re-initialised
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.common import machine_info, parse_bytes, save_results, stats  # noqa: E402
+
+COMM = MPI.COMM_WORLD
+
+
+def timed(fn, nbytes: int, repeats: int, budget_s: float) -> list[float]:
+    """Seconds per call, one value per repeat; a repeat runs enough calls to last ~budget/repeats."""
+    for _ in range(2):
+        fn()
+    COMM.Barrier()
+    t = time.perf_counter()
+    fn()
+    one = max(time.perf_counter() - t, 1e-6)
+    # Every rank must run the same number of calls: agree on the slowest rank's estimate.
+    calls = COMM.allreduce(max(1, min(200, int(budget_s / repeats / one))), op=MPI.MIN)
+    out = []
+    for _ in range(repeats):
+        COMM.Barrier()
+        t = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        out.append((time.perf_counter() - t) / calls)
+    return out
+
+
+def engines(nbytes: int, device: torch.device, hvd, hpctrain_opt, gloo_ready: bool):
+    n = nbytes // 4
+    a = np.ones(n, dtype=np.float32)
+    b = np.empty_like(a)
+    t = torch.ones(n, dtype=torch.float32, device=device)
+    yield "numpy_copy", lambda: np.copyto(b, a)
+    yield "mpi4py", lambda: COMM.Allreduce(a, b, op=MPI.SUM)
+    yield "horovod", lambda: hvd.allreduce_(t, op=hvd.Average, name="raw")
+    if hpctrain_opt is not None:
+        param = hpctrain_opt.param_groups[0]["params"][0]
+        param.grad = torch.ones(n, dtype=torch.float32, device=device)
+        # synchronize() allreduces every gradient whose hook has not fired: the optimizer's own path.
+        yield "hpctrain", hpctrain_opt.synchronize
+    if gloo_ready:
+        import torch.distributed as dist
+        yield "torch_" + dist.get_backend(), lambda: dist.all_reduce(t)
+
+
+def horovod_variant(hvd, name: str, nbytes: int, device, env: dict, compression=None, pieces: int = 1):
+    """Re-init Horovod with `env` and allreduce `pieces` tensors that add up to nbytes."""
+    hvd.shutdown()
+    os.environ.update(env)
+    hvd.init()
+    ts = [torch.ones(nbytes // 4 // pieces, device=device) for _ in range(pieces)]
+    comp = compression or hvd.Compression.none
+
+    def go():
+        # Compress (a no-op for Compression.none), allreduce all pieces at once, decompress.
+        packed = [comp.compress(x) for x in ts]
+        handles = [hvd.allreduce_async_(c, op=hvd.Average, name=f"{name}.{i}") for i, (c, _) in enumerate(packed)]
+        for h, (_, ctx) in zip(handles, packed):
+            comp.decompress(hvd.synchronize(h), ctx)
+    return go
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--min-bytes", default="4K")
+    p.add_argument("--max-bytes", default="256M")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--budget-s", type=float, default=1.0, help="seconds per (engine, size) point, roughly")
+    p.add_argument("--variant-sizes", default="1M,16M,64M", help="sizes for the Horovod variants")
+    p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--tag", default="")
+    a = p.parse_args()
+
+    import horovod.torch as hvd
+    from hpctrain.backends import build_backend
+    from hpctrain.cluster import detect
+    from hpctrain.config import DistConfig
+
+    start_env = {k: v for k, v in os.environ.items() if k.startswith("HOROVOD_")}
+    cluster = detect()
+    n, rank = COMM.Get_size(), COMM.Get_rank()
+    device = torch.device("cuda", cluster.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    torch.set_num_threads(1)
+    # hpctrain's path, with hpctrain's defaults (its backend sets Horovod's cycle time on CPU).
+    backend = build_backend(DistConfig(backend="horovod"), cluster, device)
+    gloo = False
+    if n > 1:
+        from hpctrain.backends.ddp import _rendezvous
+        import torch.distributed as dist
+        addr, port = _rendezvous(cluster)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=f"tcp://{addr}:{port}",
+                                rank=rank, world_size=n)
+        gloo = True
+
+    sizes, s = [], parse_bytes(a.min_bytes)
+    while s <= parse_bytes(a.max_bytes):
+        sizes.append(s)
+        s *= 4
+    rows = []
+
+    def record(engine, nbytes, per_call):
+        all_ranks = COMM.gather(per_call, root=0)
+        if rank != 0:
+            return
+        flat = [x for r in all_ranks for x in r]
+        alg = [nbytes / x / 1e9 for x in flat]
+        bus_factor = 1.0 if engine == "numpy_copy" else 2 * (n - 1) / n if n > 1 else 1.0
+        mean, ci = stats(alg)
+        rows.append({"engine": engine, "bytes": nbytes, "time_s": float(np.mean(flat)),
+                     "algbw_GBps": mean, "algbw_ci95": ci, "busbw_GBps": mean * bus_factor,
+                     "busbw_ci95": ci * bus_factor,
+                     "per_rank_algbw_GBps": [stats([nbytes / x / 1e9 for x in r]) for r in all_ranks]})
+        print(f"{engine:>22} {nbytes:>11} B  algbw {mean:7.3f} +/- {ci:.3f} GB/s  busbw {mean * bus_factor:7.3f}",
+              flush=True)
+
+    for nbytes in sizes:
+        model = torch.nn.Linear(1, 1)  # placeholder shape; the one parameter is replaced below
+        model.weight = torch.nn.Parameter(torch.zeros(nbytes // 4, device=device))
+        del model.bias
+        opt = torch.optim.SGD(model.parameters(), lr=0.0)
+        _, hopt = backend.wrap(model, opt)
+        for engine, fn in engines(nbytes, device, hvd, hopt, gloo):
+            record(engine, nbytes, timed(fn, nbytes, a.repeats, a.budget_s))
+        hopt._handles.clear()
+        hvd.allreduce(torch.zeros(1), name=f"sync.{nbytes}")  # keep ranks in step between sizes
+
+    # Horovod variants, each in its own init; 16 pieces so the fusion buffer has something to fuse.
+    # The fusion threshold cannot be varied here: changing HOROVOD_FUSION_THRESHOLD between
+    # shutdown and re-init segfaults Horovod 0.28.1, so compare it across runs instead
+    # (HOROVOD_FUSION_THRESHOLD=1024 mpirun ... --tag nofusion); the env is recorded in the result.
+    variants = [("hvd_cycle1ms", {"HOROVOD_CYCLE_TIME": "1"}, None, 16),
+                ("hvd_cycle10ms", {"HOROVOD_CYCLE_TIME": "10"}, None, 16),
+                ("hvd_cycle1ms_fp16", {"HOROVOD_CYCLE_TIME": "1"}, "fp16", 16)]
+    for name, env, comp, pieces in variants:
+        for nbytes in [parse_bytes(x) for x in a.variant_sizes.split(",")]:
+            fn = horovod_variant(hvd, name, nbytes, device, env,
+                                 hvd.Compression.fp16 if comp == "fp16" else None, pieces)
+            record(name, nbytes, timed(fn, nbytes, a.repeats, a.budget_s))
+
+    hvd.shutdown()
+    if rank == 0:
+        hvd_env = {k: v for k, v in os.environ.items() if k.startswith("HOROVOD_")}
+        save_results("allreduce", {"np": n, "device": str(device), "horovod_env_at_start": start_env,
+                                   "horovod_env_at_end": hvd_env, "rows": rows,
+                                   "ratios": ratios(rows)}, a.out, a.tag, plot=plot)
+
+
+def ratios(rows) -> dict:
+    """Per size: hpctrain / horovod, best engine / numpy copy (busbw)."""
+    by = {(r["engine"], r["bytes"]): r["busbw_GBps"] for r in rows}
+    out = {}
+    for nbytes in sorted({r["bytes"] for r in rows}):
+        if ("hpctrain", nbytes) in by and ("horovod", nbytes) in by:
+            best = max(v for (e, b), v in by.items() if b == nbytes and e != "numpy_copy")
+            out[str(nbytes)] = {"hpctrain_vs_horovod": by["hpctrain", nbytes] / by["horovod", nbytes],
+                                "best_engine_vs_numpy_copy": best / by["numpy_copy", nbytes],
+                                "mpi4py_vs_horovod": by["mpi4py", nbytes] / by["horovod", nbytes]}
+    return out
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for engine in dict.fromkeys(r["engine"] for r in result["rows"]):
+        pts = [(r["bytes"], r["busbw_GBps"], r["busbw_ci95"]) for r in result["rows"] if r["engine"] == engine]
+        x, y, e = zip(*pts)
+        ax.errorbar(x, y, yerr=e, marker="o", capsize=3, label=engine,
+                    linestyle="--" if engine.startswith("hvd_") else "-")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("message size (bytes)")
+    ax.set_ylabel("bus bandwidth (GB/s); numpy_copy: algbw")
+    ax.set_title(f"allreduce, np={result['np']}, {result['machine']['cpu_model'][:40]}")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    main()
