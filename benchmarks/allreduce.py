@@ -5,7 +5,7 @@
 
 algbw = bytes / time; busbw = algbw x 2(n-1)/n (nccl-tests' definition: the traffic each link
 carries in a ring). Each point: warm-up, then repeats of a timed loop; mean +/- 1.96 sd over repeats,
-per rank and over all ranks. Horovod variants (cycle time, fusion threshold, fp16 compression) need
+per rank and over all ranks; engines alternate within each repeat. Horovod variants (cycle time, fusion threshold, fp16 compression) need
 a fresh hvd.init, which works because mpi4py owns MPI (Horovod then leaves it initialised on shutdown).
 """
 from __future__ import annotations
@@ -27,23 +27,29 @@ from benchmarks.common import machine_info, parse_bytes, save_results, stats  # 
 COMM = MPI.COMM_WORLD
 
 
-def timed(fn, nbytes: int, repeats: int, budget_s: float) -> list[float]:
-    """Seconds per call, one value per repeat; a repeat runs enough calls to last ~budget/repeats."""
+def calls_for(fn, budget_s: float) -> int:
+    """Calls per repeat so one repeat lasts ~budget_s; every rank must run the same number."""
     for _ in range(2):
         fn()
     COMM.Barrier()
     t = time.perf_counter()
     fn()
     one = max(time.perf_counter() - t, 1e-6)
-    # Every rank must run the same number of calls: agree on the slowest rank's estimate.
-    calls = COMM.allreduce(max(1, min(200, int(budget_s / repeats / one))), op=MPI.MIN)
-    out = []
+    return COMM.allreduce(max(1, min(200, int(budget_s / one))), op=MPI.MIN)
+
+
+def timed_interleaved(fns: dict, repeats: int, budget_s: float) -> dict[str, list[float]]:
+    """Seconds per call for each engine. Engines take turns inside every repeat, so a change in
+    machine load during the run hits all of them alike (this machine is shared and noisy)."""
+    calls = {name: calls_for(fn, budget_s / repeats) for name, fn in fns.items()}
+    out = {name: [] for name in fns}
     for _ in range(repeats):
-        COMM.Barrier()
-        t = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        out.append((time.perf_counter() - t) / calls)
+        for name, fn in fns.items():
+            COMM.Barrier()
+            t = time.perf_counter()
+            for _ in range(calls[name]):
+                fn()
+            out[name].append((time.perf_counter() - t) / calls[name])
     return out
 
 
@@ -141,8 +147,9 @@ def main():
         del model.bias
         opt = torch.optim.SGD(model.parameters(), lr=0.0)
         _, hopt = backend.wrap(model, opt)
-        for engine, fn in engines(nbytes, device, hvd, hopt, gloo):
-            record(engine, nbytes, timed(fn, nbytes, a.repeats, a.budget_s))
+        for engine, per_call in timed_interleaved(dict(engines(nbytes, device, hvd, hopt, gloo)),
+                                                  a.repeats, a.budget_s).items():
+            record(engine, nbytes, per_call)
         hopt._handles.clear()
         hvd.allreduce(torch.zeros(1), name=f"sync.{nbytes}")  # keep ranks in step between sizes
 
@@ -157,7 +164,7 @@ def main():
         for nbytes in [parse_bytes(x) for x in a.variant_sizes.split(",")]:
             fn = horovod_variant(hvd, name, nbytes, device, env,
                                  hvd.Compression.fp16 if comp == "fp16" else None, pieces)
-            record(name, nbytes, timed(fn, nbytes, a.repeats, a.budget_s))
+            record(name, nbytes, timed_interleaved({name: fn}, a.repeats, a.budget_s)[name])
 
     hvd.shutdown()
     if rank == 0:
