@@ -46,6 +46,8 @@ class RunConfig:
                         choices=["auto", "always", "never"])
     tensorboard: bool = opt(True, "write TensorBoard event files to run_dir/tb")
     deterministic: bool = opt(False, "use deterministic kernels (slower; exact resume equality)")
+    preempt_check_every: int = opt(10, "every N steps the ranks agree (one allreduce) whether SIGUSR1/SIGTERM "
+                                       "arrived; then all save and exit 85 for a requeue", minimum=1)
 
 
 @dataclass
@@ -80,7 +82,8 @@ class OptimConfig:
                           choices=["linear", "none"])
     warmup_epochs: float = opt(1.0, "linear warm-up from base lr to the scaled lr over this many epochs",
                                minimum=0.0)
-    schedule: str = opt("cosine", "decay after warm-up", choices=["cosine", "step", "constant"])
+    schedule: str = opt("cosine", "decay after warm-up (poly: linear decay to 0 at the last step, BERT's recipe)",
+                        choices=["cosine", "step", "constant", "poly"])
     label_smoothing: float = opt(0.0, "label smoothing for the cross-entropy loss", minimum=0.0, maximum=1.0)
 
 
@@ -105,6 +108,55 @@ class DistConfig:
 
 SECTIONS = {"run": RunConfig, "data": DataConfig, "model": ModelConfig, "optim": OptimConfig,
             "dist": DistConfig}
+
+
+@dataclass
+class TextDataConfig:
+    corpus: str = opt("builtin", "builtin (standard-library docstrings, prepared once into --corpus-cache) or a "
+                                 "directory written by `python -m hpctrain.data.text prepare`")
+    corpus_cache: str = opt("runs/corpus-builtin", "where --corpus builtin is prepared (reused when present)")
+    vocab_size: int = opt(8000, "WordPiece vocabulary size when preparing the builtin corpus", minimum=100)
+    seq_len: int = opt(128, "tokens per sequence ([CLS] ... [SEP]) when preparing the builtin corpus",
+                       minimum=8, maximum=8192)
+    mask_prob: float = opt(0.15, "fraction of non-special tokens masked for MLM (80% [MASK], 10% random, "
+                                 "10% unchanged)", minimum=0.0, maximum=1.0)
+    batch_size: int = opt(32, "per-rank sequences per batch (per micro-batch when accumulating)", minimum=1)
+    eval_batch_size: int = opt(0, "per-rank evaluation batch size (0 = batch_size)", minimum=0)
+    val_fraction: float = opt(0.02, "fraction of sequences (the last ones) held out for MLM evaluation",
+                              minimum=0.0, maximum=0.5)
+    workers: int = opt(0, "data-loader worker processes per rank (0 = load in the training process)", minimum=0)
+
+
+@dataclass
+class BertModelConfig:
+    preset: str = opt("tiny", "BERT size (random init): tiny 2x128, mini 4x256, base 12x768, large 24x1024",
+                      choices=["tiny", "mini", "base", "large"])
+    model_path: str = opt("", "local Hugging Face model directory to start from instead of a preset "
+                              "(loaded offline; its vocab must match the corpus)")
+    dropout: float = opt(0.1, "hidden and attention dropout (random-init presets)", minimum=0.0, maximum=0.9)
+
+
+class _Dictable:
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+
+@dataclass
+class BertTrainConfig(_Dictable):
+    """BERT MLM pretraining (`python -m hpctrain.bert`): text data and BERT model sections."""
+    run: RunConfig = field(default_factory=RunConfig)
+    data: TextDataConfig = field(default_factory=TextDataConfig)
+    model: BertModelConfig = field(default_factory=BertModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+
+
+def sections(config_cls) -> dict:
+    """{section name: dataclass} taken from the fields of a config class (TrainConfig, BertTrainConfig)."""
+    return {f.name: get_type_hints(config_cls)[f.name] for f in fields(config_cls)}
 
 
 @dataclass
@@ -171,7 +223,8 @@ def set_value(cfg: TrainConfig, section: str, name: str, value: Any) -> None:
     setattr(obj, name, coerced)
 
 
-def load_toml(cfg: TrainConfig, path: str) -> None:
+def load_toml(cfg, path: str) -> None:
+    SECTIONS = sections(type(cfg))  # noqa: N806 (the sections of this config class)
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"--config: {path!r} does not exist or is not a file")
@@ -203,8 +256,9 @@ class _OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def build_parser(prog: str, extra: TrainConfig | None = None) -> argparse.ArgumentParser:
-    defaults = extra or TrainConfig()
+def build_parser(prog: str, extra=None, config_cls=None) -> argparse.ArgumentParser:
+    defaults = extra or (config_cls or TrainConfig)()
+    SECTIONS = sections(type(defaults))  # noqa: N806 (the sections of this config class)
     p = _OneLineParser(prog=prog, description="Train with Horovod/DDP on any launcher "
                                               "(horovodrun, mpirun, srun, single process).",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -224,10 +278,11 @@ def build_parser(prog: str, extra: TrainConfig | None = None) -> argparse.Argume
     return p
 
 
-def parse(argv: list[str] | None, prog: str) -> TrainConfig:
-    """defaults < --config TOML < CLI flags. Raises ConfigError on a bad value."""
-    args = build_parser(prog).parse_args(argv)
-    cfg = TrainConfig()
+def parse(argv: list[str] | None, prog: str, config_cls=None):
+    """defaults < --config TOML < CLI flags. Raises ConfigError on a bad value.
+    `config_cls` (default TrainConfig) picks the sections, e.g. BertTrainConfig for hpctrain.bert."""
+    cfg = (config_cls or TrainConfig)()
+    args = build_parser(prog, cfg).parse_args(argv)
     if args.config:
         load_toml(cfg, args.config)
     for key, value in vars(args).items():
@@ -241,9 +296,9 @@ def parse(argv: list[str] | None, prog: str) -> TrainConfig:
     return cfg
 
 
-def validate(cfg: TrainConfig) -> None:
+def validate(cfg) -> None:
     """Checks that span fields."""
-    if cfg.data.dataset == "folder" and not cfg.data.path:
+    if getattr(cfg.data, "dataset", None) == "folder" and not cfg.data.path:
         raise ConfigError("data.path (--path): required with --dataset folder (a directory holding train/ and val/)")
     if cfg.dist.adasum and cfg.dist.backend != "horovod":
         raise ConfigError(f"dist.adasum (--adasum): needs --backend horovod, not {cfg.dist.backend!r}")

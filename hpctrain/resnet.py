@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import sys
 
+from hpctrain import preempt
 from hpctrain.checkpoint import CheckpointError
-from hpctrain.cli import fail, start
+from hpctrain.cli import fail, finish, start
 from hpctrain.config import ConfigError
 from hpctrain.data.images import DataError, build_image_sources
 from hpctrain.data.sharding import ShardedBatchSampler
@@ -14,6 +15,7 @@ PROG = "hpctrain.resnet"
 
 def main(argv: list[str] | None = None) -> int:
     cfg, cluster = start(argv, PROG)
+    preemption = preempt.Preemption().install()  # from here SIGUSR1/SIGTERM only set a flag
     from hpctrain.engine.torch import Trainer, build_optimizer, make_loader, setup  # torch loads after arg checks
     from hpctrain.models.resnet import build_resnet
     try:
@@ -32,15 +34,11 @@ def main(argv: list[str] | None = None) -> int:
         trainer.log(f"{PROG}: {cfg.model.arch}, {rt.backend.name} backend, device {rt.device}, "
                     f"{rt.threads} thread(s) per rank, {trainer.steps_per_epoch} steps/epoch")
         trainer.resume()
-        result = trainer.train()
+        result = trainer.train(preemption)
         trainer.close()
     except (ConfigError, DataError, CheckpointError) as e:
         fail(PROG, str(e))
-    if cluster.rank == 0:
-        print(f"{PROG}: done at step {trainer.step}: " + ", ".join(f"{k}={v:.4g}" for k, v in result.items()
-                                                                  if isinstance(v, float)), flush=True)
-    return 0
-
+    return finish(PROG, cluster, trainer.step, result)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -11,7 +11,7 @@ def scaled_lr(base_lr: float, world_size: int, scaling: str) -> float:
 
 def lr_at(step: int, *, base_lr: float, peak_lr: float, warmup_steps: int, total_steps: int,
           schedule: str) -> float:
-    """Linear warm-up from base_lr to peak_lr, then cosine / step (x0.1 at 1/2 and 3/4) / constant."""
+    """Linear warm-up from base_lr to peak_lr, then cosine / step (x0.1 at 1/2 and 3/4) / constant / poly."""
     if warmup_steps > 0 and step < warmup_steps:
         return base_lr + (peak_lr - base_lr) * step / warmup_steps
     if schedule == "constant" or total_steps <= warmup_steps:
@@ -21,4 +21,6 @@ def lr_at(step: int, *, base_lr: float, peak_lr: float, warmup_steps: int, total
         return peak_lr * 0.5 * (1.0 + math.cos(math.pi * progress))
     if schedule == "step":
         return peak_lr * (0.1 ** (int(progress >= 0.5) + int(progress >= 0.75)))
-    raise ValueError(f"schedule {schedule!r} is not one of: cosine, step, constant")
+    if schedule == "poly":
+        return peak_lr * (1.0 - progress)  # BERT: polynomial (power 1, i.e. linear) decay to 0 at the last step
+    raise ValueError(f"schedule {schedule!r} is not one of: cosine, step, constant, poly")

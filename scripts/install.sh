@@ -33,8 +33,8 @@ PIP=("$PY" -m pip install -q --disable-pip-version-check)
 
 say "PyTorch ($TORCH_SPEC) and Python dependencies"
 "$PY" -c "import torch" 2>/dev/null || "${PIP[@]}" ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} "$TORCH_SPEC"
-"$PY" -c "import numpy, PIL, tensorboard, tqdm, pytest, mpi4py, cloudpickle, psutil, yaml, cffi, packaging, wheel, matplotlib" \
-  2>/dev/null || "${PIP[@]}" numpy pillow tensorboard tqdm pytest mpi4py cloudpickle psutil pyyaml cffi packaging wheel matplotlib
+"$PY" -c "import numpy, PIL, tensorboard, tqdm, pytest, mpi4py, cloudpickle, psutil, yaml, cffi, packaging, wheel, matplotlib, transformers, tokenizers" \
+  2>/dev/null || "${PIP[@]}" numpy pillow tensorboard tqdm pytest mpi4py cloudpickle psutil pyyaml cffi packaging wheel matplotlib transformers tokenizers
 
 say "hpctrain package (editable)"
 (cd / && "$PY" -c "import hpctrain") 2>/dev/null || "${PIP[@]}" --no-build-isolation --no-deps -e .

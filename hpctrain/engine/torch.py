@@ -19,6 +19,7 @@ from hpctrain.cluster import ClusterEnv, threads_per_rank, visible_gpu_index
 from hpctrain.config import ConfigError, TrainConfig
 from hpctrain.data.sharding import ShardedBatchSampler
 from hpctrain.metrics import MetricsLogger, Throughput
+from hpctrain.preempt import worker_ignores_foreign_sigterm
 from hpctrain.schedule import lr_at, scaled_lr
 
 
@@ -54,7 +55,9 @@ def setup(cfg: TrainConfig, cluster: ClusterEnv) -> Runtime:
 
 def make_loader(source, sampler, workers: int, device: torch.device) -> torch.utils.data.DataLoader:
     # The sampler yields lists of (index, epoch) keys; workers decode/augment, the main process trains.
+    # Workers ignore Slurm's SIGTERM (it reaches the whole process group): the trainer must live to save.
     return torch.utils.data.DataLoader(source, batch_sampler=sampler, num_workers=workers,
+                                       worker_init_fn=worker_ignores_foreign_sigterm,
                                        pin_memory=device.type == "cuda", persistent_workers=workers > 0,
                                        prefetch_factor=4 if workers > 0 else None)
 
@@ -71,15 +74,40 @@ def build_optimizer(model: nn.Module, cfg) -> torch.optim.Optimizer:
     raise ConfigError(f"optim.optimizer (--optimizer): {cfg.optimizer!r} is not allowed (allowed: sgd, adamw)")
 
 
+class Classification:
+    """The default task: batch = (inputs, labels); cross-entropy; accuracy = argmax == label.
+
+    A task is any callable (model, batch) -> (loss, stats) where stats is a float64 tensor
+    [loss x count, correct, count] on the batch's device; BERT's MLM task counts masked tokens."""
+
+    def __init__(self, label_smoothing: float = 0.0):
+        self.loss_fn = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+
+    def __call__(self, model: nn.Module, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = batch
+        logits = model(x)
+        loss = self.loss_fn(logits.float(), y)
+        return loss, torch.stack([loss.detach().double() * y.numel(), (logits.detach().argmax(1) == y).sum().double(),
+                                  torch.tensor(float(y.numel()), dtype=torch.float64, device=y.device)])
+
+
+def to_device(batch, device: torch.device):
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    return type(batch)(to_device(v, device) for v in batch)
+
+
 class Trainer:
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, train_loader, val_loader,
-                 runtime: Runtime, cfg: TrainConfig, loss_fn: nn.Module | None = None):
+                 runtime: Runtime, cfg: TrainConfig, task=None):
         self.rt, self.cfg = runtime, cfg
         self.backend, self.device, self.cluster = runtime.backend, runtime.device, runtime.cluster
         self.model, self.optimizer = self.backend.wrap(model.to(self.device), optimizer)
         self.train_loader, self.val_loader = train_loader, val_loader
         self.sampler: ShardedBatchSampler = train_loader.batch_sampler
-        self.loss_fn = loss_fn or nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
+        self.task = task or Classification(cfg.optim.label_smoothing)
         amp = cfg.dist.amp
         self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
         # fp16 gradients underflow without loss scaling; bf16 has fp32's range and needs none.
@@ -130,24 +158,22 @@ class Trainer:
         self.optimizer.zero_grad()  # Horovod's override takes no set_to_none; torch defaults to it
         stats = torch.zeros(3, dtype=torch.float64, device=self.device)
         n_micro = len(micro_batches)
-        for i, (x, y) in enumerate(micro_batches):
-            x = x.to(self.device, non_blocking=True)
-            y = y.to(self.device, non_blocking=True)
+        for i, batch in enumerate(micro_batches):
+            batch = to_device(batch, self.device)
             with self.backend.accumulation(self.model, last=i == n_micro - 1):
                 with self._autocast():
-                    logits = self.model(x)
-                    loss = self.loss_fn(logits, y)
+                    loss, batch_stats = self.task(self.model, batch)
                 scaled = loss / n_micro  # mean over the whole accumulated batch
                 (self.scaler.scale(scaled) if self.scaler else scaled).backward()
-            stats += torch.stack([loss.detach().double() * y.numel(),
-                                  (logits.detach().argmax(1) == y).sum().double(),
-                                  torch.tensor(float(y.numel()), dtype=torch.float64, device=self.device)])
+            stats += batch_stats
         self.backend.step(self.optimizer, self.scaler)
         self.step += 1
         return stats
 
     # ---- loop ------------------------------------------------------------------------------------
-    def train(self) -> dict:
+    def train(self, preemption=None) -> dict:
+        """Train to the step limit, or until `preemption` (hpctrain.preempt.Preemption) reports an agreed
+        stop: then save and return with result["stopped_by_signal"] set to the signal's name."""
         cfg = self.cfg.run
         limit = min(self.total_steps, cfg.max_steps) if cfg.max_steps else self.total_steps
         self.logger = MetricsLogger(cfg.run_dir, enabled=self.cluster.rank == 0, total_steps=limit,
@@ -171,7 +197,7 @@ class Trainer:
                     # Metrics: one allreduce per log interval, not per step.
                     total = self.backend.allreduce(window, "sum").tolist()
                     rate = per_step * window_steps / (time.perf_counter() - window_start)
-                    rates = self.backend.allreduce(torch.tensor([rate], dtype=torch.float64), "sum").item()
+                    rates = self.backend.allreduce(torch.tensor([rate], dtype=torch.float64, device=self.device), "sum").item()
                     result = {"loss": total[0] / total[2], "accuracy": total[1] / total[2],
                               "lr": self.lr(self.step - 1), "epoch": epoch,
                               "samples_per_s_rank": rates / self.cluster.size, "samples_per_s_total": rates}
@@ -182,6 +208,14 @@ class Trainer:
                     self.save()
                 if self.step >= limit:
                     break
+                # Preemption: all ranks agree at the same step (one allreduce), so all save and stop together.
+                if preemption is not None and preemption.should_stop(
+                        self.step, cfg.preempt_check_every,
+                        lambda flag: self.backend.allreduce(torch.tensor([float(flag)], device=self.device), "sum").item()):
+                    if not (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0):
+                        self.save()
+                    self.log(f"stopping at step {self.step} on {preemption.reason}: checkpoint saved")
+                    return {**result, "stopped_by_signal": preemption.reason}
             epoch_done = self.step % self.steps_per_epoch == 0
             if epoch_done:
                 self.logger.log(self.step, "epoch", {"epoch": epoch, "samples_per_s_rank": epoch_rate.rate()})
@@ -197,13 +231,9 @@ class Trainer:
         self.sync_buffers()
         self.model.eval()
         stats = torch.zeros(3, dtype=torch.float64, device=self.device)
-        for x, y in self.val_loader:
-            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        for batch in self.val_loader:
             with self._autocast():
-                logits = self.model(x)
-            loss = self.loss_fn(logits.float(), y)
-            stats += torch.stack([loss.double() * y.numel(), (logits.argmax(1) == y).sum().double(),
-                                  torch.tensor(float(y.numel()), dtype=torch.float64, device=self.device)])
+                stats += self.task(self.model, to_device(batch, self.device))[1]
         total = self.backend.allreduce(stats, "sum").tolist()
         metrics = {"val_loss": total[0] / max(1.0, total[2]), "val_top1": total[1] / max(1.0, total[2]),
                    "val_samples": int(total[2])}

@@ -1,0 +1,10 @@
+# Generic site: no account or partition request, no modules, CPU mode (no GPU request), no container,
+# Open MPI/PMIx via `srun --mpi=pmix`, python3 from PATH. Copy this file to slurm/sites/<yours>.sh
+# and select it with HPCTRAIN_SITE=<yours>. Values already in the environment win.
+HPCTRAIN_ACCOUNT=${HPCTRAIN_ACCOUNT:-}              # sbatch --account (used by python -m hpctrain.slurm)
+HPCTRAIN_PARTITION=${HPCTRAIN_PARTITION:-}          # sbatch --partition (idem)
+HPCTRAIN_MODULES=${HPCTRAIN_MODULES:-}              # space-separated, passed to `module load`
+HPCTRAIN_GPUS_PER_NODE=${HPCTRAIN_GPUS_PER_NODE:-0} # 0 = CPU mode: no GPU request, no --nv
+HPCTRAIN_IMAGE=${HPCTRAIN_IMAGE:-}                  # Apptainer image (.sif); empty = run on the host
+HPCTRAIN_SRUN_MPI=${HPCTRAIN_SRUN_MPI:-pmix}        # srun --mpi plugin matching the MPI Horovod uses
+HPCTRAIN_PYTHON=${HPCTRAIN_PYTHON:-python3}         # interpreter with hpctrain's dependencies

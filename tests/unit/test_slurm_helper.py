@@ -1,0 +1,150 @@
+"""python -m hpctrain.slurm: validation (nothing unchecked reaches a shell script) and rendering from
+the template's #SBATCH header; plus consistency of the shell side with hpctrain.preempt."""
+import re
+import subprocess
+import sys
+
+import pytest
+
+from hpctrain import preempt
+from hpctrain import slurm as helper
+from tests.launch import ROOT, env
+
+TEMPLATE = ROOT / "slurm" / "resnet_8node.sh"
+
+
+def _cli(*argv, extra_env=None):
+    e = env()
+    e.update(extra_env or {})
+    return subprocess.run([sys.executable, "-m", "hpctrain.slurm", *argv], cwd=ROOT, env=e, capture_output=True,
+                          text=True, timeout=60)
+
+
+def _header(script: str) -> dict:
+    return dict(re.findall(r"^#SBATCH --([a-z-]+)(?:=(.*))?$", script, re.M))
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--nodes", "0"], "--nodes: '0' is not a positive integer"),
+    (["--nodes", "8;reboot"], "--nodes: '8;reboot' is not a positive integer"),
+    (["--nodes", "$(id)"], "--nodes: '$(id)' is not a positive integer"),
+    (["--gpus-per-node", "-1"], "--gpus-per-node: '-1' is not an integer >= 0"),
+    (["--gpus-per-node", "4x"], "--gpus-per-node: '4x' is not an integer >= 0"),
+    (["--job-name", "a b"], "--job-name: 'a b' is not allowed (allowed: letters, digits, '_', '.', '-')"),
+    (["--job-name", "x\n#SBATCH --uid=0"], "--job-name: 'x\\n#SBATCH --uid=0' is not allowed"),
+    (["--job-name", "`touch /tmp/pwned`"], "is not allowed"),
+    (["--site", "../etc/passwd"], "--site: '../etc/passwd' is not allowed"),
+    (["--site", "nosuchsite"], "--site: 'nosuchsite' has no file slurm/sites/nosuchsite.sh (allowed: default, "),
+    (["--time", "30:75"], "--time: '30:75' is not a Slurm time limit (allowed: MM, MM:SS, HH:MM:SS, D-HH"),
+    (["--time", "1-24"], "--time: '1-24' is not a Slurm time limit"),
+    (["--time", "0:00:00"], "is not a Slurm time limit"),
+    (["--time", "02:00:00;rm"], "is not a Slurm time limit"),
+    (["--model", "gpt"], "argument --model: invalid choice: 'gpt'"),
+    (["--", "--epochs", "3"], "training arguments '--epochs 3' are passed on only with --submit"),
+])
+def test_bad_value_one_line_exit_2(argv, words):
+    p = _cli(*argv)
+    assert p.returncode == 2, p.stdout + p.stderr
+    assert p.stdout == ""  # no half-rendered script
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("hpctrain.slurm: error: ") and words in lines[0], p.stderr
+
+
+def test_bad_value_from_site_environment_is_refused():
+    # The site file defers to the environment, so an account from the environment is checked too.
+    p = _cli("--site", "default", extra_env={"HPCTRAIN_ACCOUNT": "acct\n#SBATCH --uid=0"})
+    assert p.returncode == 2 and "HPCTRAIN_ACCOUNT: 'acct\\n#SBATCH --uid=0' is not allowed" in p.stderr
+
+
+@pytest.mark.parametrize("text", ["30", "30:15", "90:00", "12:00:00", "48:00:00", "2-12", "2-12:30", "2-12:30:05", "0-1"])
+def test_slurm_time_formats_accepted(text):
+    assert helper.slurm_time(text) == text
+
+
+def test_render_substitutes_header_and_keeps_body():
+    template = TEMPLATE.read_text()
+    out = helper.render("resnet", nodes=3, gpus_per_node=2, site="example_gpu", time="1-00:30", job_name="r50.a")
+    h = _header(out)
+    assert h["nodes"] == "3" and h["ntasks-per-node"] == "2" and h["gpus-per-node"] == "2"
+    assert h["time"] == "1-00:30" and h["job-name"] == "r50.a" and h["output"] == "r50.a-%j.out"
+    assert h["account"] == "myproject" and h["partition"] == "gpu"
+    assert h["export"] == "ALL,HPCTRAIN_SITE=example_gpu,HPCTRAIN_GPUS_PER_NODE=2"
+    # Unchanged header lines and the whole body come from the template.
+    for key in ("exclusive", "signal", "requeue", "open-mode", "mem"):
+        assert h[key] == _header(template)[key]
+    body = lambda s: [ln for ln in s.splitlines() if not ln.startswith("#")]  # noqa: E731
+    assert body(out) == body(template)
+    assert out.splitlines()[0] == "#!/bin/bash"
+    syntax = subprocess.run(["bash", "-n"], input=out, capture_output=True, text=True)
+    assert syntax.returncode == 0, syntax.stderr
+
+
+def test_render_cpu_site_has_no_gpu_request_and_template_defaults():
+    out = helper.render("resnet", site="testcluster")
+    h = _header(out)
+    assert "gpus-per-node" not in h and "account" not in h and "partition" not in h
+    assert h["nodes"] == "8" and h["ntasks-per-node"] == "1" and h["time"] == "02:00:00"
+    assert h["export"] == "ALL,HPCTRAIN_SITE=testcluster,HPCTRAIN_GPUS_PER_NODE=0"
+
+
+def test_gpus_default_to_the_site_file():
+    assert _header(helper.render("resnet", site="example_gpu"))["gpus-per-node"] == "4"
+
+
+def test_cli_prints_the_rendered_script():
+    p = _cli("--nodes", "2", "--site", "testcluster", "--time", "15", "--job-name", "tiny")
+    assert p.returncode == 0, p.stderr
+    assert p.stdout == helper.render("resnet", nodes=2, site="testcluster", time="15", job_name="tiny")
+
+
+def test_template_is_thin_and_portable():
+    text = TEMPLATE.read_text()
+    h = _header(text)
+    assert h["nodes"] == "8" and h["signal"].startswith("B:USR1@") and "requeue" in h and "%j" in h["output"]
+    assert "/home/" not in text and "/work/" not in text
+    assert 'source "$HPCTRAIN_ROOT/slurm/env.sh"' in text and "SLURM_SUBMIT_DIR" in text
+    assert '-m hpctrain.resnet "$@"' in text
+
+
+def test_shell_exit_code_matches_preempt_constant():
+    env_sh = (ROOT / "slurm" / "env.sh").read_text()
+    assert re.search(r"^HPCTRAIN_EXIT_PREEMPTED=(\d+)$", env_sh, re.M).group(1) == str(preempt.EXIT_PREEMPTED)
+
+
+def _env_sh(site_env: dict, script: str) -> subprocess.CompletedProcess:
+    """Source slurm/env.sh as the batch script would and run `script` after it."""
+    e = env()
+    e.update(site_env)
+    return subprocess.run(["bash", "-c", f'HPCTRAIN_ROOT="$1"; source "$1/slurm/env.sh" || exit $?; {script}',
+                           "_", str(ROOT)], env=e, capture_output=True, text=True, timeout=30)
+
+
+def test_env_sh_gpu_site_builds_srun_and_container_lines():
+    # Lmod and Environment Modules hand `module` to batch shells as an exported bash function.
+    p = _env_sh({"HPCTRAIN_SITE": "example_gpu", "SLURM_JOB_NUM_NODES": "3", "HPCTRAIN_IMAGE": "/images/h.sif",
+                 "BASH_FUNC_module%%": '() { echo "module $*" >&2; }'},
+                'printf "%s|" "${HPCTRAIN_SRUN_ARGS[@]}"; echo; printf "%s|" "${HPCTRAIN_EXEC[@]}"')
+    assert p.returncode == 0 and "module load apptainer" in p.stderr, p.stderr
+    srun, exe = p.stdout.splitlines()[-2:]
+    assert srun == "--mpi=pmix|--ntasks-per-node=4|--ntasks=12|--gpus-per-node=4|", p.stdout + p.stderr
+    assert exe.startswith("apptainer|exec|--nv|--bind|") and exe.endswith("|/images/h.sif|python3|")
+
+
+def test_env_sh_cpu_site_has_no_gpu_or_container():
+    p = _env_sh({"HPCTRAIN_SITE": "testcluster"},
+                'printf "%s|" "${HPCTRAIN_SRUN_ARGS[@]}"; echo; printf "%s|" "${HPCTRAIN_EXEC[@]}"')
+    srun, exe = p.stdout.splitlines()[-2:]
+    assert srun == "--mpi=pmix|" and exe == f"{ROOT}/.venv/bin/python|"
+
+
+@pytest.mark.parametrize("site_env, words", [
+    ({"HPCTRAIN_SITE": "no/such"}, "HPCTRAIN_SITE='no/such' is not a site name"),
+    ({"HPCTRAIN_SITE": "nosuch"}, "HPCTRAIN_SITE=nosuch: no file slurm/sites/nosuch.sh"),
+    ({"HPCTRAIN_SITE": "default", "HPCTRAIN_GPUS_PER_NODE": "four"}, "HPCTRAIN_GPUS_PER_NODE='four' is not"),
+    ({"HPCTRAIN_SITE": "default", "HPCTRAIN_MAX_REQUEUES": "-1"}, "HPCTRAIN_MAX_REQUEUES='-1' is not"),
+    ({"HPCTRAIN_SITE": "default", "HPCTRAIN_MODULES": "cuda/12"}, "no 'module' command"),
+])
+def test_env_sh_refuses_bad_settings(site_env, words):
+    p = _env_sh(site_env, "echo reached")
+    assert p.returncode == 2 and "reached" not in p.stdout
+    assert p.stderr.strip().startswith("hpctrain: error: ") and words in p.stderr, p.stderr
