@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import machine_info, parse_bytes, save_results, stats  # noqa: E402
+from benchmarks.common import parse_bytes, save_results, stats  # noqa: E402
 
 COMM = MPI.COMM_WORLD
 

@@ -32,7 +32,7 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -84,7 +84,7 @@ class CheckpointManager:
                 write(f)
                 f.flush()
                 os.fsync(f.fileno())
-            digest = _sha256(tmp)
+            digest = sha256_file(tmp)
             atomic_write(final.with_name(final.name + ".sha256"),
                          lambda f: f.write(f"{digest}  {final.name}\n".encode()))
             os.replace(tmp, final)
@@ -105,7 +105,7 @@ class CheckpointManager:
         if not side.exists():
             return  # written by hand or by an older version: the reader's own checks must do
         expected = side.read_text().split()[0] if side.read_text().strip() else ""
-        actual = _sha256(path)
+        actual = sha256_file(path)
         if actual != expected:
             raise CheckpointError(f"checksum mismatch (expected {expected[:12]}..., got {actual[:12]}...)")
 

@@ -1,6 +1,7 @@
 """Start real multi-process jobs from tests: mpirun, horovodrun, or a single process."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -39,3 +40,15 @@ def run(launcher: str, np: int, args: list[str], timeout: int = 180, cwd: Path |
     e.update(extra_env or {})
     return subprocess.run(command(launcher, np, args), cwd=cwd or ROOT, env=e, capture_output=True, text=True,
                           timeout=timeout)
+
+
+def check_ok(p: subprocess.CompletedProcess) -> str:
+    """Assert a launched job succeeded; return its whole output."""
+    assert p.returncode == 0, f"rc={p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
+    return p.stdout + p.stderr
+
+
+def metrics(run_dir: Path, kind: str) -> list[dict]:
+    """Records of one kind (train, eval, epoch) from a run's metrics.jsonl, in file order."""
+    lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["kind"] == kind]

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import gzip
-import hashlib
 import json
 import multiprocessing
 import os
@@ -31,7 +30,7 @@ from typing import Callable, Iterable
 
 import numpy as np
 
-from hpctrain.checkpoint import atomic_write
+from hpctrain.checkpoint import atomic_write, sha256_file
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 FORMAT_VERSION = 1
@@ -140,14 +139,6 @@ def pack(tokens: np.ndarray, seq_len: int, cls: int, sep: int, pad: int) -> np.n
     return rows
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _fingerprint(files: list[Path], options: dict) -> dict:
     return {"format": FORMAT_VERSION, "options": options,
             "inputs": [{"path": str(f), "size": f.stat().st_size, "mtime_ns": f.stat().st_mtime_ns} for f in files]}
@@ -223,7 +214,7 @@ def prepare(inputs: list[str], output: str, vocab_size: int = 8000, seq_len: int
         name = f"shard-{i:05d}.npy"
         part = rows[start:start + shard_sequences]
         atomic_write(out / name, lambda fh, part=part: np.save(fh, part, allow_pickle=False))
-        shards.append({"file": name, "sequences": int(len(part)), "sha256": _sha256(out / name)})
+        shards.append({"file": name, "sequences": int(len(part)), "sha256": sha256_file(out / name)})
     manifest = {"format": FORMAT_VERSION, "vocab_size": int(vsize), "seq_len": seq_len, "dtype": np.dtype(dtype).name,
                 "special_tokens": specials, "num_sequences": int(len(rows)), "num_tokens": int(len(tokens)),
                 "shards": shards, "tokenizer": TOKENIZER_FILE, "vocab": VOCAB_FILE, "fingerprint": fp}
@@ -261,7 +252,7 @@ class TokenShards:
 
     def verify(self) -> None:
         for s in self.manifest["shards"]:
-            if _sha256(self.dir / s["file"]) != s["sha256"]:
+            if sha256_file(self.dir / s["file"]) != s["sha256"]:
                 raise DataError(f"{self.dir / s['file']}: checksum mismatch (corrupt or modified shard)")
 
     def __len__(self) -> int:

@@ -8,20 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from tests.launch import ROOT, env, run
+from tests.launch import ROOT, check_ok, env, metrics, run
 from tests.unit.test_text import write_corpus
 
 BERT = ["-m", "hpctrain.bert", "--config", "configs/bert_tiny.toml", "--progress", "never"]
-
-
-def _records(run_dir: Path, kind: str) -> list[dict]:
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return [r for r in map(json.loads, lines) if r["kind"] == kind]
-
-
-def _ok(p):
-    assert p.returncode == 0, f"rc={p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
-    return p.stdout + p.stderr
 
 
 @pytest.fixture(scope="module")
@@ -32,19 +22,19 @@ def small_corpus(tmp_path_factory):
     p = subprocess.run([sys.executable, "-m", "hpctrain.data.text", "prepare", "--input", str(raw), "--output",
                         str(base / "corpus"), "--vocab-size", "300", "--seq-len", "32"],
                        capture_output=True, text=True, env=env(), cwd=ROOT, timeout=120)
-    _ok(p)
+    check_ok(p)
     return base / "corpus"
 
 
 def test_horovodrun_builtin_corpus_loss_falls_and_saves_hf(tmp_path):
     run_dir, cache = tmp_path / "run", tmp_path / "corpus-builtin"
-    out = _ok(run("horovodrun", 2, [*BERT, "--corpus-cache", str(cache), "--seq-len", "64", "--batch-size", "16",
+    out = check_ok(run("horovodrun", 2, [*BERT, "--corpus-cache", str(cache), "--seq-len", "64", "--batch-size", "16",
                                     "--max-steps", "40", "--log-every", "5", "--lr", "0.002", "--fp16-allreduce",
                                     "--run-dir", str(run_dir)], timeout=300))
     assert out.count("done at step 40") == 1  # only rank 0 reports
     manifest = json.loads((cache / "manifest.json").read_text())
     assert manifest["seq_len"] == 64 and manifest["num_sequences"] > 1000
-    train = _records(run_dir, "train")
+    train = metrics(run_dir, "train")
     assert [r["step"] for r in train] == list(range(5, 41, 5))
     assert train[0]["loss"] > 7.0 and train[-1]["loss"] < train[0]["loss"] - 1.0, [r["loss"] for r in train]
     assert train[-1]["samples_per_s_total"] > train[-1]["samples_per_s_rank"] > 0
@@ -58,7 +48,7 @@ def test_horovodrun_builtin_corpus_loss_falls_and_saves_hf(tmp_path):
     with torch.no_grad():
         assert model(**ids).logits.shape[-1] == manifest["vocab_size"]
     # a second run reuses the prepared corpus
-    out = _ok(run("single", 1, [*BERT, "--backend", "none", "--corpus-cache", str(cache), "--seq-len", "64",
+    out = check_ok(run("single", 1, [*BERT, "--backend", "none", "--corpus-cache", str(cache), "--seq-len", "64",
                                 "--max-steps", "1", "--run-dir", str(tmp_path / "r2")]))
     assert "reusing" in out
 
@@ -69,12 +59,12 @@ def test_resume_mid_epoch_reproduces_uninterrupted_run(tmp_path, small_corpus):
     common = [*BERT, "--corpus", str(small_corpus), "--batch-size", "8", "--val-fraction", "0", "--epochs", "2",
               "--log-every", "1", "--checkpoint-every", "5", "--deterministic"]
     a, b = tmp_path / "a", tmp_path / "b"
-    _ok(run("mpirun", 2, [*common, "--run-dir", str(a), "--workers", "2"]))
-    _ok(run("mpirun", 2, [*common, "--run-dir", str(b), "--workers", "0", "--max-steps", "5"]))
-    out = _ok(run("mpirun", 2, [*common, "--run-dir", str(b), "--workers", "1", "--resume", "auto"]))
+    check_ok(run("mpirun", 2, [*common, "--run-dir", str(a), "--workers", "2"]))
+    check_ok(run("mpirun", 2, [*common, "--run-dir", str(b), "--workers", "0", "--max-steps", "5"]))
+    out = check_ok(run("mpirun", 2, [*common, "--run-dir", str(b), "--workers", "1", "--resume", "auto"]))
     assert "at step 5" in out and "resumed from" in out
-    full = {r["step"]: r["loss"] for r in _records(a, "train")}
-    resumed = {r["step"]: r["loss"] for r in _records(b, "train")}
+    full = {r["step"]: r["loss"] for r in metrics(a, "train")}
+    resumed = {r["step"]: r["loss"] for r in metrics(b, "train")}
     assert sorted(full) == list(range(1, 17)) and sorted(resumed) == list(range(1, 17))
     assert [resumed[s] for s in range(6, 17)] == pytest.approx([full[s] for s in range(6, 17)], rel=1e-6, abs=1e-7)
     assert full[16] < full[1]
@@ -114,8 +104,8 @@ def test_model_path_continues_from_saved_model(tmp_path, small_corpus):
     vocab = json.loads((small_corpus / "manifest.json").read_text())["vocab_size"]
     model = _hf_model(tmp_path / "m", vocab, 64)
     run_dir = tmp_path / "r"
-    _ok(run("single", 1, [*BERT, "--backend", "none", "--corpus", str(small_corpus), "--model-path", str(model),
+    check_ok(run("single", 1, [*BERT, "--backend", "none", "--corpus", str(small_corpus), "--model-path", str(model),
                           "--max-steps", "2", "--batch-size", "8", "--run-dir", str(run_dir)]))
     cfg = json.loads((run_dir / "hf" / "config.json").read_text())
     assert cfg["hidden_size"] == 32 and cfg["max_position_embeddings"] == 64
-    assert np.isfinite([r["loss"] for r in _records(run_dir, "train")]).all()
+    assert np.isfinite([r["loss"] for r in metrics(run_dir, "train")]).all()

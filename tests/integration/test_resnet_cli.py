@@ -1,5 +1,4 @@
 """End to end through `python -m hpctrain.resnet`, real launchers, real files."""
-import json
 from pathlib import Path
 
 import numpy as np
@@ -7,19 +6,9 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.launch import run
+from tests.launch import check_ok, metrics, run
 
 TINY = ["-m", "hpctrain.resnet", "--config", "configs/tiny.toml"]
-
-
-def _records(run_dir: Path, kind: str) -> list[dict]:
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return [r for r in map(json.loads, lines) if r["kind"] == kind]
-
-
-def _ok(p):
-    assert p.returncode == 0, f"rc={p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
-    return p.stdout + p.stderr
 
 
 def test_resume_reproduces_uninterrupted_run(tmp_path):
@@ -27,13 +16,13 @@ def test_resume_reproduces_uninterrupted_run(tmp_path):
     # step 5 (mid-epoch), resumes with a different loader worker count, and crosses the epoch boundary.
     common = [*TINY, "--synthetic-size", "128", "--epochs", "2", "--checkpoint-every", "5", "--deterministic"]
     a, b = tmp_path / "a", tmp_path / "b"
-    _ok(run("mpirun", 2, [*common, "--run-dir", str(a), "--workers", "2"]))
-    _ok(run("mpirun", 2, [*common, "--run-dir", str(b), "--workers", "0", "--max-steps", "5"]))
-    out = _ok(run("mpirun", 2, [*common, "--run-dir", str(b), "--workers", "1"]))
+    check_ok(run("mpirun", 2, [*common, "--run-dir", str(a), "--workers", "2"]))
+    check_ok(run("mpirun", 2, [*common, "--run-dir", str(b), "--workers", "0", "--max-steps", "5"]))
+    out = check_ok(run("mpirun", 2, [*common, "--run-dir", str(b), "--workers", "1"]))
     assert "at step 5" in out and "resumed from" in out
 
-    full = {r["step"]: r["loss"] for r in _records(a, "train")}
-    resumed = {r["step"]: r["loss"] for r in _records(b, "train")}
+    full = {r["step"]: r["loss"] for r in metrics(a, "train")}
+    resumed = {r["step"]: r["loss"] for r in metrics(b, "train")}
     assert sorted(full) == list(range(1, 17)) and sorted(resumed) == list(range(1, 17))  # none lost or repeated
     assert [resumed[s] for s in range(6, 17)] == pytest.approx([full[s] for s in range(6, 17)], rel=1e-6, abs=1e-7)
     final_a = torch.load(a / "checkpoints" / "ckpt-00000016.pt", weights_only=True)["model"]
@@ -59,15 +48,15 @@ def _image_tree(root: Path, bad: int = 1) -> Path:
 def test_horovodrun_folder_end_to_end(tmp_path):
     data = _image_tree(tmp_path / "data")
     run_dir = tmp_path / "run"
-    out = _ok(run("horovodrun", 2, [*TINY, "--dataset", "folder", "--path", str(data), "--num-classes", "0",
+    out = check_ok(run("horovodrun", 2, [*TINY, "--dataset", "folder", "--path", str(data), "--num-classes", "0",
                                     "--epochs", "3", "--batch-size", "4", "--workers", "2", "--optimizer", "adamw",
                                     "--lr", "0.001", "--run-dir", str(run_dir)]))
     assert "skipped 1 unreadable image(s)" in out
     assert out.count("done at step") == 1  # only rank 0 reports
-    evals = _records(run_dir, "eval")
+    evals = metrics(run_dir, "eval")
     assert len(evals) == 3 and all(e["val_samples"] == 12 for e in evals)
     assert 0.0 <= evals[-1]["val_top1"] <= 1.0
-    train = _records(run_dir, "train")
+    train = metrics(run_dir, "train")
     assert train[-1]["samples_per_s_total"] > 0 and train[-1]["samples_per_s_rank"] > 0
     assert list((run_dir / "tb").glob("events.out.tfevents.*"))
     # 36 readable train images / 2 ranks / batch 4 = 4 steps per epoch; one checkpoint per epoch, 3 kept.
@@ -78,13 +67,13 @@ def test_horovodrun_folder_end_to_end(tmp_path):
 def test_corrupt_newest_checkpoint_falls_back(tmp_path):
     run_dir = tmp_path / "run"
     args = [*TINY, "--backend", "none", "--run-dir", str(run_dir), "--checkpoint-every", "2"]
-    _ok(run("single", 1, [*args, "--max-steps", "4"]))
+    check_ok(run("single", 1, [*args, "--max-steps", "4"]))
     newest = run_dir / "checkpoints" / "ckpt-00000004.pt"
     newest.write_bytes(newest.read_bytes()[:1000])  # a torn write from a crashed node
-    out = _ok(run("single", 1, [*args, "--max-steps", "6"]))
+    out = check_ok(run("single", 1, [*args, "--max-steps", "6"]))
     assert "ckpt-00000004.pt is corrupt" in out
     assert "ckpt-00000002.pt at step 2" in out
-    assert [r["step"] for r in _records(run_dir, "train")] == [1, 2, 3, 4, 3, 4, 5, 6]  # redone from step 3
+    assert [r["step"] for r in metrics(run_dir, "train")] == [1, 2, 3, 4, 3, 4, 5, 6]  # redone from step 3
 
 
 @pytest.mark.parametrize("argv, words", [
@@ -112,7 +101,7 @@ def test_cli_amp_and_ddp(tmp_path, flags):
     run_dir = tmp_path / "run"
     backend = [] if "--backend" in flags else ["--backend", "none"]
     launcher, np_ = ("mpirun", 2) if "ddp" in flags else ("single", 1)
-    _ok(run(launcher, np_, [*TINY, *backend, *flags, "--synthetic-size", "256", "--run-dir", str(run_dir),
+    check_ok(run(launcher, np_, [*TINY, *backend, *flags, "--synthetic-size", "256", "--run-dir", str(run_dir),
                             "--max-steps", "3"]))
-    losses = [r["loss"] for r in _records(run_dir, "train")]
+    losses = [r["loss"] for r in metrics(run_dir, "train")]
     assert len(losses) == 3 and all(np.isfinite(losses)) and all(0 < x < 20 for x in losses)

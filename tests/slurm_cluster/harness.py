@@ -213,9 +213,9 @@ class SlurmCluster:
     def _check_alive(self, name: str) -> None:
         pid = int((self.pid_dir / f"{name}.pid").read_text())
         try:
-            done, status = os.waitpid(pid, os.WNOHANG)
+            done, _ = os.waitpid(pid, os.WNOHANG)
         except ChildProcessError:
-            done, status = pid, 0
+            done = pid
         if done:
             log = (self.base / "log" / f"{name}.stdout").read_text(errors="replace").strip().splitlines()[-3:]
             raise ClusterError(f"{name} (pid {pid}) exited during start-up: {' | '.join(log)}")
