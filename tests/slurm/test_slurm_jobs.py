@@ -140,3 +140,19 @@ hpctrain_supervise $!
     assert (info4["JobState"], info4["Restarts"]) == ("CANCELLED", "0"), text4
     assert f"Slurm is ending job {array}_4 (JobState=COMPLETING): not requeueing" in text4, text4
     assert "step: resumed" not in text4
+
+
+def test_bert_template_on_two_nodes(slurm, tmp_path):
+    # The BERT template with the built-in corpus (prepared by rank 0, the other rank waits for it).
+    run_dir, out = tmp_path / "run", tmp_path / "bert.out"
+    job = sbatch(slurm, ["--nodes=2", "--output", str(out), str(ROOT / "slurm" / "bert_multinode.sh"),
+                         "--config", "configs/bert_tiny.toml", "--max-steps", "3", "--log-every", "1",
+                         "--corpus-cache", str(tmp_path / "corpus"), "--run-dir", str(run_dir)],
+                 HPCTRAIN_SITE="testcluster")
+    info = wait_for_job(slurm, job, timeout=300, output=out)
+    text = out.read_text()
+    assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), diagnostics(slurm, out)
+    assert info["NumNodes"] == "2"
+    assert "hpctrain.bert: slurm launcher, 2 rank(s) on 2 node(s)" in text and text.count("done at step 3") == 1
+    assert [r["step"] for r in _train_steps(run_dir)] == [1, 2, 3]
+    assert (run_dir / "hf" / "config.json").exists()

@@ -148,3 +148,9 @@ def test_env_sh_refuses_bad_settings(site_env, words):
     p = _env_sh(site_env, "echo reached")
     assert p.returncode == 2 and "reached" not in p.stdout
     assert p.stderr.strip().startswith("hpctrain: error: ") and words in p.stderr, p.stderr
+
+
+def test_render_bert_template():
+    out = helper.render("bert", nodes=2, site="testcluster", time="30")
+    assert _header(out)["nodes"] == "2" and "-m hpctrain.bert \"$@\"" in out and "hpctrain.resnet" not in out
+    assert _header(helper.render("bert"))["nodes"] == "4"  # the template's own default
