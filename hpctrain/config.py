@@ -160,18 +160,13 @@ def sections(config_cls) -> dict:
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(_Dictable):
+    """ResNet image classification (`python -m hpctrain.resnet`)."""
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     dist: DistConfig = field(default_factory=DistConfig)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), sort_keys=True)
 
 
 def _flag(section: str, f: dataclasses.Field) -> str:
