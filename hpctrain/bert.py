@@ -11,6 +11,7 @@ from hpctrain.checkpoint import CheckpointError
 from hpctrain.cli import fail, finish, start
 from hpctrain.config import BertTrainConfig, ConfigError
 from hpctrain.data.sharding import ShardedBatchSampler
+from hpctrain.pipeline.partition import PartitionError
 from hpctrain.data.text import DataError, MLMSource, TokenShards
 
 PROG = "hpctrain.bert"
@@ -66,7 +67,7 @@ def save_hf(model, shards: TokenShards, run_dir: str) -> Path:
 def main(argv: list[str] | None = None) -> int:
     cfg, cluster = start(argv, PROG, BertTrainConfig)
     preemption = preempt.Preemption().install()  # from here SIGUSR1/SIGTERM only set a flag
-    from hpctrain.engine.torch import Trainer, build_optimizer, make_loader, setup  # torch loads after arg checks
+    from hpctrain.engine.torch import make_loader, make_trainer, setup  # torch loads after arg checks
     from hpctrain.models.bert import MaskedLM
     try:
         rt = setup(cfg, cluster)
@@ -75,21 +76,20 @@ def main(argv: list[str] | None = None) -> int:
         n_val = int(len(shards) * d.val_fraction)
         train_src = MLMSource(shards, cfg.run.seed, d.mask_prob, 0, len(shards) - n_val)
         val_src = MLMSource(shards, cfg.run.seed, d.mask_prob, len(shards) - n_val, n_val) if n_val else None
-        if len(train_src) < cluster.size:
-            raise DataError(f"corpus {shards.dir}: {len(train_src)} training sequences for {cluster.size} ranks")
+        if len(train_src) < rt.data_size:
+            raise DataError(f"corpus {shards.dir}: {len(train_src)} training sequences for {rt.data_size} replicas")
         # Contiguous ranges: each rank reads only its own slice of the memory-mapped shards.
-        train_sampler = ShardedBatchSampler(len(train_src), cluster.rank, cluster.size, d.batch_size, cfg.run.seed,
+        train_sampler = ShardedBatchSampler(len(train_src), rt.data_rank, rt.data_size, d.batch_size, cfg.run.seed,
                                             contiguous=True)
         model = build_model(cfg.model, shards)
         val_loader = None
         if val_src is not None:
-            val_loader = make_loader(val_src, ShardedBatchSampler(len(val_src), cluster.rank, cluster.size,
+            val_loader = make_loader(val_src, ShardedBatchSampler(len(val_src), rt.data_rank, rt.data_size,
                                                                   d.eval_batch_size or d.batch_size, cfg.run.seed,
                                                                   shuffle=False, drop_last=False, pad=False),
                                      d.workers, rt.device)
-        trainer = Trainer(model, build_optimizer(model, cfg.optim), make_loader(train_src, train_sampler, d.workers,
-                                                                                 rt.device),
-                          val_loader, rt, cfg, task=MaskedLM())
+        trainer = make_trainer(model, make_loader(train_src, train_sampler, d.workers, rt.device), val_loader, rt,
+                               cfg, MaskedLM())
         trainer.log(f"{PROG}: BERT {cfg.model.model_path or cfg.model.preset} "
                     f"({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params), {len(shards)} sequences x "
                     f"{shards.seq_len} tokens, {rt.backend.name} backend, device {rt.device}, "
@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         if "stopped_by_signal" not in result and cluster.rank == 0:
             trainer.log(f"{PROG}: saved Hugging Face model to {save_hf(rt.backend.unwrap(trainer.model), shards, cfg.run.run_dir)}")
         trainer.close()
-    except (ConfigError, DataError, CheckpointError) as e:
+    except (ConfigError, DataError, CheckpointError, PartitionError) as e:
         fail(PROG, str(e))
     return finish(PROG, cluster, trainer.step, result)
 

@@ -83,7 +83,7 @@ class OptimConfig:
     warmup_epochs: float = opt(1.0, "linear warm-up from base lr to the scaled lr over this many epochs",
                                minimum=0.0)
     schedule: str = opt("cosine", "decay after warm-up (poly: linear decay to 0 at the last step, BERT's recipe)",
-                        choices=["cosine", "step", "constant", "poly"])
+                        choices=["cosine", "step", "constant", "poly"], flag="--lr-schedule")
     label_smoothing: float = opt(0.0, "label smoothing for the cross-entropy loss", minimum=0.0, maximum=1.0)
 
 
@@ -106,8 +106,35 @@ class DistConfig:
                        minimum=0)
 
 
+PARTITION_METHODS = ("time", "params", "uniform")
+
+
+@dataclass
+class PipelineConfig:
+    stages: int = opt(1, "pipeline stages P (1 = no pipeline, pure data parallel); the ranks form P stages x "
+                         "(ranks / P) data-parallel replicas", flag="--pipeline-stages", minimum=1)
+    micro_batches: int = opt(4, "micro-batches (each of --batch-size) per step and replica; at least P",
+                             flag="--micro-batches", minimum=1)
+    schedule: str = opt("1f1b", "1f1b (one forward one backward: at most P activations held per stage) or gpipe "
+                                "(all forwards, then all backwards: M held)", choices=["1f1b", "gpipe"],
+                        flag="--schedule")
+    partition: str = opt("time", "how blocks are split into stages: time (measured forward+backward, balanced "
+                                 "exactly), params (equal parameter bytes, DeepSpeed's default), uniform (equal "
+                                 "block counts), or a plan .json file", flag="--partition")
+    allreduce: str = opt("mpi", "how a stage's gradients are averaged over its replicas: mpi (mpi4py Allreduce on "
+                                "one fused buffer) or horovod (Horovod process sets)", choices=["mpi", "horovod"],
+                         flag="--pipeline-allreduce")
+    stage_memory_gb: float = opt(0.0, "per-stage memory cap (GiB) the partition must respect: parameters x 4 "
+                                      "(weights, grads, Adam) + held activations (0 = no cap)",
+                                 flag="--stage-memory-gb", minimum=0.0)
+    bandwidth_gbs: float = opt(0.0, "link bandwidth (GB/s) to charge activation transfers at each cut "
+                                    "(0 = not counted)", flag="--pipeline-bandwidth-gbs", minimum=0.0)
+    profile_repeats: int = opt(3, "timed repeats per block when profiling (median; after one warm-up)",
+                               flag="--profile-repeats", minimum=1)
+
+
 SECTIONS = {"run": RunConfig, "data": DataConfig, "model": ModelConfig, "optim": OptimConfig,
-            "dist": DistConfig}
+            "dist": DistConfig, "pipeline": PipelineConfig}
 
 
 @dataclass
@@ -152,6 +179,7 @@ class BertTrainConfig(_Dictable):
     model: BertModelConfig = field(default_factory=BertModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     dist: DistConfig = field(default_factory=DistConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
 
 
 def sections(config_cls) -> dict:
@@ -167,6 +195,7 @@ class TrainConfig(_Dictable):
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     dist: DistConfig = field(default_factory=DistConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
 
 
 def _flag(section: str, f: dataclasses.Field) -> str:
@@ -300,6 +329,25 @@ def validate(cfg) -> None:
     if cfg.dist.fp16_allreduce and cfg.dist.backend != "horovod":
         raise ConfigError(f"dist.fp16_allreduce (--fp16-allreduce): needs --backend horovod, "
                           f"not {cfg.dist.backend!r}")
+    _validate_pipeline(cfg)
     if cfg.run.resume not in ("auto", "never") and not Path(cfg.run.resume).is_file():
         raise ConfigError(f"run.resume (--resume): {cfg.run.resume!r} is not a checkpoint file "
                           "(allowed: auto, never, or an existing file)")
+
+
+def _validate_pipeline(cfg) -> None:
+    p = cfg.pipeline
+    if p.partition not in PARTITION_METHODS and not Path(p.partition).is_file():
+        raise ConfigError(f"pipeline.partition (--partition): {p.partition!r} is neither a method nor a plan file "
+                          f"(allowed: {', '.join(PARTITION_METHODS)}, or the path of a plan .json)")
+    if p.stages == 1:
+        return
+    if p.micro_batches < p.stages:
+        raise ConfigError(f"pipeline.micro_batches (--micro-batches): {p.micro_batches} is fewer than the "
+                          f"{p.stages} stages, so stages would idle (allowed: >= {p.stages})")
+    d = cfg.dist
+    for bad, what in ((d.accumulate > 1, f"dist.accumulate (--accumulate) {d.accumulate}: use --micro-batches"),
+                      (d.amp == "fp16", "dist.amp (--amp) fp16: use bf16 (no loss scaling across stages)"),
+                      (d.adasum, "dist.adasum (--adasum)"), (d.fp16_allreduce, "dist.fp16_allreduce (--fp16-allreduce)")):
+        if bad:
+            raise ConfigError(f"{what} is not supported with --pipeline-stages {p.stages}")

@@ -29,6 +29,8 @@ class Runtime:
     device: torch.device
     threads: int
     backend: object
+    data_rank: int = 0  # this rank's data-parallel replica (its rank, unless pipeline stages share a replica)
+    data_size: int = 1  # number of data-parallel replicas (world size / pipeline stages)
 
 
 def setup(cfg: TrainConfig, cluster: ClusterEnv) -> Runtime:
@@ -49,8 +51,25 @@ def setup(cfg: TrainConfig, cluster: ClusterEnv) -> Runtime:
     if cfg.run.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
+    stages = cfg.pipeline.stages
+    if stages > 1:
+        from hpctrain.backends.pipeline import PipelineBackend
+        try:
+            backend = PipelineBackend(d, cluster, device, stages)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        return Runtime(cluster, device, threads, backend, backend.data_rank, backend.data_size)
     backend = build_backend(d, cluster, device)
-    return Runtime(cluster=cluster, device=device, threads=threads, backend=backend)
+    return Runtime(cluster, device, threads, backend, cluster.rank, cluster.size)
+
+
+def make_trainer(model: nn.Module, train_loader, val_loader, rt: Runtime, cfg: TrainConfig, task=None):
+    """Data parallel (the backend wraps the whole model), or pipeline x data parallel when
+    --pipeline-stages > 1 (the model is split into stages; each rank optimizes its stage only)."""
+    if cfg.pipeline.stages > 1:
+        from hpctrain.pipeline.trainer import PipelineTrainer
+        return PipelineTrainer(model, train_loader, val_loader, rt, cfg, task)
+    return Trainer(model, build_optimizer(model, cfg.optim), train_loader, val_loader, rt, cfg, task)
 
 
 def make_loader(source, sampler, workers: int, device: torch.device) -> torch.utils.data.DataLoader:
@@ -84,12 +103,20 @@ class Classification:
         self.loss_fn = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
 
     def __call__(self, model: nn.Module, batch) -> tuple[torch.Tensor, torch.Tensor]:
-        x, y = batch
-        logits = model(x)
+        return self.loss(model(batch[0]), batch)
+
+    # ---- the pipeline runtime's view of the task: blocks, first input, loss on the last output -------
+    def loss(self, logits: torch.Tensor, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        y = batch[1]
         loss = self.loss_fn(logits.float(), y)
         return loss, torch.stack([loss.detach().double() * y.numel(), (logits.detach().argmax(1) == y).sum().double(),
                                   torch.tensor(float(y.numel()), dtype=torch.float64, device=y.device)])
 
+    def inputs(self, batch) -> torch.Tensor:
+        return batch[0]
+
+    def blocks(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
+        return model.blocks()
 
 def to_device(batch, device: torch.device):
     if isinstance(batch, torch.Tensor):
@@ -113,22 +140,27 @@ class Trainer:
         # fp16 gradients underflow without loss scaling; bf16 has fp32's range and needs none.
         self.scaler = torch.amp.GradScaler("cuda") if amp == "fp16" else None
         self.step = 0
-        self.accumulate = cfg.dist.accumulate
+        self.accumulate = self.micro_batches_per_step()
+        self.data_size = runtime.data_size
+        self.counts_samples = True  # this rank's samples are its own (not another stage's of the same replica)
         self.steps_per_epoch = len(self.sampler) // self.accumulate
         if self.steps_per_epoch < 1:
-            raise ConfigError(f"data.batch_size (--batch-size): {cfg.data.batch_size} x accumulate "
-                              f"{self.accumulate} x {self.cluster.size} rank(s) is more than the "
+            raise ConfigError(f"data.batch_size (--batch-size): {cfg.data.batch_size} x {self.accumulate} "
+                              f"micro-batch(es) x {self.data_size} replica(s) is more than the "
                               f"{self.sampler.num_samples} training samples: not one step per epoch")
         self.total_steps = self.steps_per_epoch * cfg.run.epochs  # the LR schedule's horizon
         o = cfg.optim
         self.base_lr = o.lr
-        self.peak_lr = scaled_lr(o.lr, self.cluster.size, o.lr_scaling)
+        self.peak_lr = scaled_lr(o.lr, self.data_size, o.lr_scaling)
         self.warmup_steps = int(round(o.warmup_epochs * self.steps_per_epoch))
         self.checkpoints = CheckpointManager(Path(cfg.run.run_dir) / "checkpoints", cfg.run.keep_checkpoints,
                                              log=self.log)
         self.logger: MetricsLogger | None = None
 
     # ---- helpers -------------------------------------------------------------------------------
+    def micro_batches_per_step(self) -> int:
+        return self.cfg.dist.accumulate
+
     def log(self, message: str) -> None:
         if self.cluster.rank == 0:
             (self.logger.info if self.logger else print)(message)
@@ -197,10 +229,11 @@ class Trainer:
                     # Metrics: one allreduce per log interval, not per step.
                     total = self.backend.allreduce(window, "sum").tolist()
                     rate = per_step * window_steps / (time.perf_counter() - window_start)
-                    rates = self.backend.allreduce(torch.tensor([rate], dtype=torch.float64, device=self.device), "sum").item()
+                    mine = rate if self.counts_samples else 0.0  # a pipeline replica's samples count once
+                    rates = self.backend.allreduce(torch.tensor([mine], dtype=torch.float64, device=self.device), "sum").item()
                     result = {"loss": total[0] / total[2], "accuracy": total[1] / total[2],
                               "lr": self.lr(self.step - 1), "epoch": epoch,
-                              "samples_per_s_rank": rates / self.cluster.size, "samples_per_s_total": rates}
+                              "samples_per_s_rank": rates / self.data_size, "samples_per_s_total": rates}
                     self.logger.log(self.step, "train", result)
                     window.zero_()
                     window_start, window_steps = time.perf_counter(), 0
@@ -232,14 +265,17 @@ class Trainer:
         self.model.eval()
         stats = torch.zeros(3, dtype=torch.float64, device=self.device)
         for batch in self.val_loader:
-            with self._autocast():
-                stats += self.task(self.model, to_device(batch, self.device))[1]
+            stats += self.eval_batch(to_device(batch, self.device))
         total = self.backend.allreduce(stats, "sum").tolist()
         metrics = {"val_loss": total[0] / max(1.0, total[2]), "val_top1": total[1] / max(1.0, total[2]),
                    "val_samples": int(total[2])}
         if self.logger:
             self.logger.log(self.step, "eval", metrics)
         return metrics
+
+    def eval_batch(self, batch) -> torch.Tensor:
+        with self._autocast():
+            return self.task(self.model, batch)[1]
 
     # ---- state ---------------------------------------------------------------------------------
     def state_dict(self) -> dict:

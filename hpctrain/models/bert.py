@@ -38,20 +38,75 @@ class MaskedLM:
 
     def __call__(self, model, batch):
         import torch
-        from torch.nn.functional import cross_entropy
         if model.training and "dropout_seed" in batch:
             torch.manual_seed(int(batch["dropout_seed"][0]))
-        labels = batch["labels"]
-        sel = labels != -100
+        sel = batch["labels"] != -100
         inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids")}
         if isinstance(model, torch.nn.parallel.DistributedDataParallel):
             logits = model(**inputs).logits[sel]
         else:
-            hidden = model.bert(**inputs)[0]
-            logits = model.cls(hidden[sel])
-        target = labels[sel]
+            logits = model.cls(model.bert(**inputs)[0][sel])
+        return self.loss(logits, batch)
+
+    # ---- the pipeline runtime's view of the task: blocks, first input, loss on the last output -------
+    def loss(self, logits, batch):
+        import torch
+        from torch.nn.functional import cross_entropy
+        labels = batch["labels"]
+        target = labels[labels != -100]
         count = target.numel()
         loss = cross_entropy(logits.float(), target) if count else logits.sum() * 0.0
         stats = torch.stack([loss.detach().double() * count, (logits.detach().argmax(-1) == target).sum().double(),
                              torch.tensor(float(count), dtype=torch.float64, device=labels.device)])
         return loss, stats
+
+    def inputs(self, batch):
+        return batch["input_ids"]
+
+    def blocks(self, model):
+        return bert_blocks(model)
+
+    def seed_stage(self, batch, stage: int) -> None:
+        """Dropout masks keyed by (batch, stage): a resumed pipeline run draws the same ones."""
+        import torch
+        if "dropout_seed" in batch:
+            torch.manual_seed(int(batch["dropout_seed"][0]) * 1009 + stage)
+
+def bert_blocks(model) -> list:
+    """BertForMaskedLM as an ordered sequence for pipeline stages: embeddings, each encoder layer, MLM head.
+
+    Each block is called as block(x, batch): the embeddings take the token ids, encoder layers the hidden
+    states plus the batch's attention mask, the head scores the masked positions only (as MaskedLM does).
+    The head's decoder weight is tied to the word embeddings: the pipeline runtime sums its gradient
+    across the two stages that hold it."""
+    from torch import nn
+
+    class Block(nn.Module):
+        def __init__(self, fn, *modules):
+            super().__init__()
+            self.fn, self.parts = fn, nn.ModuleList(modules)
+
+        def forward(self, x, batch=None):
+            return self.fn(x, batch)
+
+    bert = model.bert
+
+    def embed(ids, batch):
+        return bert.embeddings(input_ids=ids, token_type_ids=batch["token_type_ids"])
+
+    def layer_fn(layer):
+        def run(hidden, batch):
+            mask = bert._create_attention_masks(attention_mask=batch["attention_mask"], encoder_attention_mask=None,
+                                                embedding_output=hidden, encoder_hidden_states=None,
+                                                past_key_values=None)[0]
+            out = layer(hidden, mask)
+            return out[0] if isinstance(out, tuple) else out
+        return run
+
+    def head(hidden, batch):
+        return model.cls(hidden[batch["labels"] != -100])
+
+    blocks = [("embeddings", Block(embed, bert.embeddings))]
+    blocks += [(f"encoder.layer.{i}", Block(layer_fn(layer), layer)) for i, layer in enumerate(bert.encoder.layer)]
+    blocks.append(("head", Block(head, model.cls)))
+    return blocks

@@ -106,6 +106,26 @@ class ResNet(nn.Module):
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
         return self.fc(torch.flatten(self.avgpool(x), 1))
 
+    def blocks(self) -> list[tuple[str, nn.Module]]:
+        """The network as an ordered sequence for pipeline stages: stem, each residual block, head.
+        Each block is called as block(x, batch); the modules (and parameters) are this model's own."""
+        stem = _Block(lambda x: self.maxpool(self.relu(self.bn1(self.conv1(x)))), self.conv1, self.bn1)
+        head = _Block(lambda x: self.fc(torch.flatten(self.avgpool(x), 1)), self.fc)
+        residual = [(f"{name}.{i}", _Block(block, block)) for name in ("layer1", "layer2", "layer3", "layer4")
+                    for i, block in enumerate(getattr(self, name))]
+        return [("stem", stem), *residual, ("head", head)]
+
+
+class _Block(nn.Module):
+    """A piece of the model called as (x, batch) -> y; holds references to the model's modules."""
+
+    def __init__(self, fn, *modules: nn.Module):
+        super().__init__()
+        self.fn, self.parts = fn, nn.ModuleList(modules)
+
+    def forward(self, x: torch.Tensor, batch=None) -> torch.Tensor:
+        return self.fn(x)
+
 
 ARCHS = {
     "resnet18": (BasicBlock, [2, 2, 2, 2]),

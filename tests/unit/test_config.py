@@ -50,7 +50,7 @@ def test_bad_toml(tmp_path):
 def test_cli_errors_are_one_line_exit_2():
     # Real process: unknown option and bad choice each print one line and exit 2, before torch loads.
     for argv, words in [(["--weight-decy", "1"], "did you mean --weight-decay?"), (["--lr", "x"], "not a number"),
-                        (["--schedule", "linear"], "allowed: cosine, step, constant")]:
+                        (["--lr-schedule", "linear"], "allowed: cosine, step, constant")]:
         p = subprocess.run([sys.executable, "-m", "hpctrain.resnet", *argv], capture_output=True, text=True,
                            timeout=60)
         assert p.returncode == 2, p.stderr

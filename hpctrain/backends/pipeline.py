@@ -1,0 +1,38 @@
+"""Pipeline x data parallel: world collectives (metrics, stop agreement, broadcasts) over mpi4py.
+
+Gradients are not combined here: each pipeline stage averages its own over its replicas
+(hpctrain.pipeline.runtime). This backend owns the P x D grid the stages run on."""
+from __future__ import annotations
+
+import torch
+from mpi4py import MPI
+
+from hpctrain.backends.local import LocalBackend
+from hpctrain.pipeline.runtime import Grid, as_buffer
+
+
+class PipelineBackend(LocalBackend):
+    name = "pipeline"
+
+    def __init__(self, cfg, cluster, device, stages: int):
+        super().__init__(cfg, cluster, device)
+        comm = MPI.COMM_WORLD
+        if (comm.Get_rank(), comm.Get_size()) != (cluster.rank, cluster.size):
+            raise RuntimeError(f"MPI sees rank {comm.Get_rank()} of {comm.Get_size()} but the launcher says "
+                               f"{cluster.rank} of {cluster.size} ({cluster.launcher}): is mpi4py built against "
+                               "the MPI that launched this job?")
+        self.grid = Grid(comm, stages)
+        self.data_rank, self.data_size = self.grid.replica, self.grid.replicas
+
+    def broadcast_object(self, obj):
+        return self.grid.world.bcast(obj, root=0)
+
+    def allreduce(self, tensor: torch.Tensor, op: str = "mean") -> torch.Tensor:
+        host = tensor.detach().cpu().clone()
+        self.grid.world.Allreduce(MPI.IN_PLACE, as_buffer(host), op=MPI.SUM)
+        if op == "mean":
+            host /= self.size
+        return host.to(tensor.device)
+
+    def barrier(self) -> None:
+        self.grid.world.Barrier()

@@ -1,0 +1,1 @@
+"""Pipeline parallelism: partition maths (pure), profiler, mpi4py runtime."""
