@@ -4,6 +4,9 @@ Gradients are not combined here: each pipeline stage averages its own over its r
 (hpctrain.pipeline.runtime). This backend owns the P x D grid the stages run on."""
 from __future__ import annotations
 
+import sys
+import traceback
+
 import torch
 from mpi4py import MPI
 
@@ -22,6 +25,7 @@ class PipelineBackend(LocalBackend):
                                f"{cluster.rank} of {cluster.size} ({cluster.launcher}): is mpi4py built against "
                                "the MPI that launched this job?")
         self.grid = Grid(comm, stages)
+        sys.excepthook = _abort_job
         self.data_rank, self.data_size = self.grid.replica, self.grid.replicas
 
     def broadcast_object(self, obj):
@@ -36,3 +40,11 @@ class PipelineBackend(LocalBackend):
 
     def barrier(self) -> None:
         self.grid.world.Barrier()
+
+
+def _abort_job(kind, value, tb) -> None:
+    """An uncaught error on one rank ends the whole job: its pipeline neighbours would otherwise wait in
+    a receive forever (Horovod's background thread does this for the data-parallel backends)."""
+    traceback.print_exception(kind, value, tb)
+    sys.stderr.flush()
+    MPI.COMM_WORLD.Abort(1)

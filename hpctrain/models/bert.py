@@ -70,7 +70,7 @@ class MaskedLM:
         """Dropout masks keyed by (batch, stage): a resumed pipeline run draws the same ones."""
         import torch
         if "dropout_seed" in batch:
-            torch.manual_seed(int(batch["dropout_seed"][0]) * 1009 + stage)
+            torch.manual_seed((int(batch["dropout_seed"][0]) * 1009 + stage) % 2**63)
 
 def bert_blocks(model) -> list:
     """BertForMaskedLM as an ordered sequence for pipeline stages: embeddings, each encoder layer, MLM head.

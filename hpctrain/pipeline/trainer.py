@@ -27,6 +27,9 @@ def make_plan(blocks, task, sample_batch, grid, cfg, device, autocast=None, log=
     """A plan given as a file, or the one a previous (requeued) run saved in run_dir, or a new one
     from costs profiled on every rank (median per block). Rank 0 decides; every rank gets the same plan."""
     p, names = cfg.pipeline, [n for n, _ in blocks]
+    if p.stages > len(blocks):  # before profiling: say it now, not after a minute of timing blocks
+        raise PartitionError(f"pipeline.stages (--pipeline-stages): {p.stages} stages for a model of {len(blocks)} "
+                             f"blocks ({names[0]} .. {names[-1]}): allowed 1..{len(blocks)}")
     saved = Path(cfg.run.run_dir) / PLAN_FILE
     found = None
     if grid.world.Get_rank() == 0:

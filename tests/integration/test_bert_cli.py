@@ -1,29 +1,14 @@
 """End to end through `python -m hpctrain.bert`: real launchers, real token shards, real files."""
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from tests.launch import ROOT, check_ok, env, metrics, run
-from tests.unit.test_text import write_corpus
+from tests.launch import check_ok, metrics, run
 
 BERT = ["-m", "hpctrain.bert", "--config", "configs/bert_tiny.toml", "--progress", "never"]
-
-
-@pytest.fixture(scope="module")
-def small_corpus(tmp_path_factory):
-    """~130 sequences of 32 tokens: 2 ranks x batch 8 -> 8 steps per epoch."""
-    base = tmp_path_factory.mktemp("bert")
-    raw = write_corpus(base / "raw", lines=420)
-    p = subprocess.run([sys.executable, "-m", "hpctrain.data.text", "prepare", "--input", str(raw), "--output",
-                        str(base / "corpus"), "--vocab-size", "300", "--seq-len", "32"],
-                       capture_output=True, text=True, env=env(), cwd=ROOT, timeout=120)
-    check_ok(p)
-    return base / "corpus"
 
 
 def test_horovodrun_builtin_corpus_loss_falls_and_saves_hf(tmp_path):
