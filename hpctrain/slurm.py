@@ -23,7 +23,7 @@ from pathlib import Path
 PROG = "hpctrain.slurm"
 ROOT = Path(__file__).resolve().parents[1]
 SLURM_DIR = ROOT / "slurm"
-TEMPLATES = {"resnet": "resnet_8node.sh", "bert": "bert_multinode.sh"}
+TEMPLATES = {"resnet": "resnet_8node.sh", "bert": "bert_multinode.sh", "pipeline": "pipeline_hybrid.sh"}
 NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 TIME_FORMATS = "MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS"
 _HEADER = re.compile(r"^#SBATCH\s+--([a-z-]+)(?:=(.*))?$")

@@ -2,9 +2,11 @@
 import json
 import subprocess
 import sys
+import shutil
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 from tests.launch import ROOT
@@ -156,3 +158,100 @@ def test_bert_template_on_two_nodes(slurm, tmp_path):
     assert "hpctrain.bert: slurm launcher, 2 rank(s) on 2 node(s)" in text and text.count("done at step 3") == 1
     assert [r["step"] for r in _train_steps(run_dir)] == [1, 2, 3]
     assert (run_dir / "hf" / "config.json").exists()
+
+
+PIPELINE = str(ROOT / "slurm" / "pipeline_hybrid.sh")
+
+
+def _plan_stages(run_dir: Path) -> list:
+    return json.loads((run_dir / "pipeline_plan.json").read_text())["stages"]
+
+
+def _wait_or_dump(slurm, job: str, timeout: float, output: Path, run_dir: Path) -> dict:
+    """wait_for_job; on a timeout also show the job's ranks still alive and their native stacks (where
+    they wait: a receive, MPI_Finalize, ...), since the job's processes are gone once the cluster stops."""
+    try:
+        return wait_for_job(slurm, job, timeout=timeout, output=output)
+    except pytest.fail.Exception as e:
+        ps = subprocess.run(["ps", "-eo", "pid,stat,wchan:24,etimes,pcpu,args"], capture_output=True, text=True)
+        ranks = [ln for ln in ps.stdout.splitlines() if f"--run-dir {run_dir}" in ln and "hpctrain." in ln]
+        stacks = []
+        for line in ranks if shutil.which("gdb") else []:
+            pid = line.split()[0]
+            bt = subprocess.run(["gdb", "-p", pid, "-batch", "-ex", "thread apply all bt 10"], capture_output=True,
+                                text=True, timeout=60)
+            stacks.append(f"--- rank pid {pid}\n" + "\n".join(ln for ln in bt.stdout.splitlines()
+                                                                if ln.startswith(("#", "Thread"))))
+        pytest.fail(f"{e}\n--- ranks still running\n" + "\n".join(ranks) + "\n" + "\n".join(stacks))
+
+
+def test_pipeline_hybrid_template(slurm, tmp_path):
+    # 2 nodes x 2 ranks = 2 stages x 2 replicas, one MPI job started by srun --mpi=pmix (mpi4py's
+    # COMM_WORLD). Submitted from tmp_path: the default RUN_DIR is <submit dir>/runs/pipeline-<job id>.
+    out = tmp_path / "pipeline.out"
+    t0 = time.monotonic()
+    job = sbatch(slurm, ["--nodes=2", "--ntasks-per-node=2", "--output", str(out), PIPELINE, *TINY,
+                         "--synthetic-size", "256", "--max-steps", "3"],
+                 cwd=tmp_path, HPCTRAIN_ROOT=str(ROOT), HPCTRAIN_SITE="testcluster", MICRO_BATCHES="4")
+    run_dir = tmp_path / "runs" / f"pipeline-{job}"
+    info = _wait_or_dump(slurm, job, 180, out, run_dir)
+    took = time.monotonic() - t0
+    text = out.read_text()
+    assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), diagnostics(slurm, out)
+    assert info["NumNodes"] == "2" and info["NumTasks"] == "4"
+    assert f"hpctrain: pipeline 2 stage(s) x 2 replica(s) = 4 ranks, run dir {run_dir}" in text
+    assert "hpctrain.resnet: slurm launcher, 4 rank(s) on 2 node(s)" in text
+    assert text.count("pipeline plan (time, ") == 1 and "pipeline backend" in text
+    assert text.count("done at step 3") == 1
+    assert len(_plan_stages(run_dir)) == 2
+    assert [r["step"] for r in _train_steps(run_dir)] == [1, 2, 3]
+    print(f"\npipeline 2x2 job: submitted -> COMPLETED in {took:.1f} s", file=sys.stderr)
+
+
+def test_pipeline_requeue_reuses_run_dir_and_plan(slurm, tmp_path):
+    # Preempted once (USR1 as from the time-limit lead): the requeued job has the same job id, so the
+    # same default RUN_DIR; it reuses the saved plan instead of profiling again and resumes.
+    # 512 samples / 2 replicas / (2 micro-batches x 8) = 16 steps.
+    out = tmp_path / "pipeline.out"
+    t0 = time.monotonic()
+    job = sbatch(slurm, ["--nodes=2", "--ntasks-per-node=2", "--output", str(out), PIPELINE, *TINY,
+                         "--synthetic-size", "512", "--preempt-check-every", "2"],
+                 cwd=tmp_path, HPCTRAIN_ROOT=str(ROOT), HPCTRAIN_SITE="testcluster", MICRO_BATCHES="2")
+    run_dir = tmp_path / "runs" / f"pipeline-{job}"
+    deadline = time.monotonic() + 120
+    while len(_train_steps(run_dir)) < 2:
+        assert time.monotonic() < deadline, "no progress\n" + diagnostics(slurm, out)
+        assert job_info(slurm, job)["JobState"] in ("PENDING", "RUNNING"), diagnostics(slurm, out)
+        time.sleep(0.3)
+    plan = (run_dir / "pipeline_plan.json").read_text()
+    slurm.run("scancel", "--signal=USR1", "--batch", job)
+    info = _wait_or_dump(slurm, job, 180, out, run_dir)
+    took = time.monotonic() - t0
+    text = out.read_text()
+    assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "1"), \
+        diagnostics(slurm, out)
+    stop = int(text.split("stopping at step ")[1].split()[0])
+    expected = ["restart 0 on 2 node(s)", f"run dir {run_dir}", "pipeline: time plan saved to", "pipeline plan (",
+                "exit 85 (requeue to resume)", f"requeueing job {job}", "restart 1 on 2 node(s)", f"run dir {run_dir}",
+                f"pipeline: reused plan {run_dir / 'pipeline_plan.json'}", "pipeline plan (",
+                f"ckpt-{stop:08d}.pt at step {stop}", "done at step 16"]
+    positions, at = [], 0
+    for e in expected:  # in this order, each after the previous one
+        at = text.find(e, at)
+        positions.append(at)
+        assert at >= 0, (e, list(zip(expected, positions)), text[-3000:])
+    assert (run_dir / "pipeline_plan.json").read_text() == plan and len(_plan_stages(run_dir)) == 2
+    assert [r["step"] for r in _train_steps(run_dir)] == list(range(1, 17))
+    print(f"\npipeline requeue job: stopped at step {stop}, submitted -> COMPLETED in {took:.1f} s", file=sys.stderr)
+
+
+def test_pipeline_template_refuses_indivisible_world(slurm, tmp_path):
+    # 3 ranks cannot form 2 stages: one line and exit 2 from the batch script, no job step started.
+    out = tmp_path / "bad.out"
+    job = sbatch(slurm, ["--nodes=3", "--output", str(out), PIPELINE, *TINY], cwd=tmp_path,
+                 HPCTRAIN_ROOT=str(ROOT), HPCTRAIN_SITE="testcluster")
+    info = wait_for_job(slurm, job, timeout=60, output=out)
+    text = out.read_text()
+    assert (info["JobState"], info["ExitCode"]) == ("FAILED", "2:0"), text
+    assert "hpctrain: error: PIPELINE_STAGES=2 does not divide the 3 ranks of this job" in text
+    assert "hpctrain.resnet" not in text and not (tmp_path / "runs").exists()

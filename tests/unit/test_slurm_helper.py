@@ -154,3 +154,68 @@ def test_render_bert_template():
     out = helper.render("bert", nodes=2, site="testcluster", time="30")
     assert _header(out)["nodes"] == "2" and "-m hpctrain.bert \"$@\"" in out and "hpctrain.resnet" not in out
     assert _header(helper.render("bert"))["nodes"] == "4"  # the template's own default
+
+
+PIPELINE = ROOT / "slurm" / "pipeline_hybrid.sh"
+
+
+def test_render_pipeline_template():
+    template = PIPELINE.read_text()
+    out = helper.render("pipeline", nodes=6, gpus_per_node=4, site="example_gpu", time="45", job_name="pp")
+    h = _header(out)
+    assert h["nodes"] == "6" and h["ntasks-per-node"] == "4" and h["gpus-per-node"] == "4" and h["time"] == "45"
+    assert h["job-name"] == "pp" and h["output"] == "pp-%j.out" and h["account"] == "myproject"
+    assert h["export"] == "ALL,HPCTRAIN_SITE=example_gpu,HPCTRAIN_GPUS_PER_NODE=4"
+    for key in ("exclusive", "signal", "requeue", "open-mode", "mem"):
+        assert h[key] == _header(template)[key]
+    body = lambda s: [ln for ln in s.splitlines() if not ln.startswith("#")]  # noqa: E731
+    assert body(out) == body(template)
+    syntax = subprocess.run(["bash", "-n"], input=out, capture_output=True, text=True)
+    assert syntax.returncode == 0, syntax.stderr
+    # The template's own defaults, and the CLI's --model choice.
+    h = _header(helper.render("pipeline", site="testcluster"))
+    assert h["nodes"] == "4" and h["ntasks-per-node"] == "1" and h["job-name"] == "hpctrain-pipeline"
+    p = _cli("--model", "pipeline", "--nodes", "2", "--site", "testcluster", "--time", "15")
+    assert p.returncode == 0 and p.stdout == helper.render("pipeline", nodes=2, site="testcluster", time="15")
+
+
+def test_pipeline_template_is_thin_and_shares_env_sh():
+    text = PIPELINE.read_text()
+    h = _header(text)
+    assert h["signal"].startswith("B:USR1@") and "requeue" in h and "%j" in h["output"]
+    assert "/home/" not in text and "/work/" not in text
+    assert 'source "$HPCTRAIN_ROOT/slurm/env.sh"' in text and "SLURM_SUBMIT_DIR" in text
+    # Same launch and requeue path as the other templates: srun into the optional container, supervised.
+    assert 'srun "${HPCTRAIN_SRUN_ARGS[@]}" "${HPCTRAIN_EXEC[@]}" -m "hpctrain.$MODEL"' in text
+    assert text.rstrip().endswith('"$@" &\nhpctrain_supervise $!') and "scontrol requeue" not in text
+    syntax = subprocess.run(["bash", "-n", str(PIPELINE)], capture_output=True, text=True)
+    assert syntax.returncode == 0, syntax.stderr
+
+
+def _pipeline_check(settings: dict, cwd) -> subprocess.CompletedProcess:
+    """Run the template itself outside Slurm with a made-up job environment. Every case here must stop
+    at the script's checks, before srun; SLURM_CONF points nowhere so nothing could reach a cluster."""
+    e = env()
+    e.update({"HPCTRAIN_ROOT": str(ROOT), "HPCTRAIN_SITE": "testcluster", "SLURM_CONF": str(cwd / "none.conf"),
+              "SLURM_JOB_ID": "7", "SLURM_JOB_NUM_NODES": "1"}, **settings)
+    return subprocess.run(["bash", str(PIPELINE), "--max-steps", "1"], cwd=cwd, env=e, capture_output=True,
+                          text=True, timeout=30)
+
+
+@pytest.mark.parametrize("settings, words", [
+    ({"SLURM_NTASKS": "3"}, "PIPELINE_STAGES=2 does not divide the 3 ranks of this job"),
+    ({"SLURM_NTASKS": "8", "PIPELINE_STAGES": "3"}, "PIPELINE_STAGES=3 does not divide the 8 ranks of this job"),
+    # GPU mode: srun starts nodes x GPUs ranks (env.sh), whatever the header's tasks say.
+    ({"SLURM_NTASKS": "3", "SLURM_JOB_NUM_NODES": "3", "HPCTRAIN_GPUS_PER_NODE": "4", "PIPELINE_STAGES": "8"},
+     "PIPELINE_STAGES=8 does not divide the 12 ranks of this job"),
+    ({"SLURM_NTASKS": "4", "PIPELINE_STAGES": "0"}, "PIPELINE_STAGES='0' is not a positive integer"),
+    ({"SLURM_NTASKS": "4", "PIPELINE_STAGES": "a[$(touch pwned)]"}, "is not a positive integer"),
+    ({"SLURM_NTASKS": "4", "MODEL": "gpt"}, "MODEL='gpt' is not allowed (allowed: resnet, bert)"),
+    ({}, "no task count (SLURM_NTASKS=''): run this script with sbatch"),
+])
+def test_pipeline_template_refuses_bad_layout_before_srun(settings, words, tmp_path):
+    p = _pipeline_check(settings, tmp_path)
+    assert p.returncode == 2, p.stdout + p.stderr
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("hpctrain: error: ") and words in lines[0], p.stderr
+    assert "hpctrain: pipeline " not in p.stdout and not (tmp_path / "pwned").exists() and not (tmp_path / "runs").exists()
