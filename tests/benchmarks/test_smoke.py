@@ -55,3 +55,42 @@ def test_dataloading_smoke(tmp_path):
     for r in data["rows"]:
         assert all(_positive_finite(r[k]) for k in ("images_per_s", "training_consumes_per_s",
                                                     "delivered_vs_consumed", "memcpy_images_per_s")), r
+
+
+def test_pipeline_smoke(tmp_path):
+    # --quick: resnet18 + BERT tiny, P in (2, 4), M in (2, 4), one Horovod pass; ~40 s on an idle 2-core box.
+    p = run("single", 1, ["benchmarks/pipeline.py", "--quick", "--out", str(tmp_path)], timeout=300)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    data = json.loads((tmp_path / "pipeline.json").read_text())
+    assert data["benchmark"] == "pipeline" and data["machine"]["cores"] >= 1 and data["machine"]["torch"]
+    assert (tmp_path / "pipeline.png").stat().st_size > 0
+    assert set(data["partition"]) == {"resnet18", "bert-tiny"}
+    for model, r in data["partition"].items():
+        assert set(r["P"]) == {"2", "4"}, model
+        for P, e in r["P"].items():
+            m = e["methods"]
+            assert set(m) == {"time", "params", "uniform"}
+            for method, v in m.items():
+                assert v["predicted_balance"] >= 1 - 1e-9, (model, P, method, v)
+                assert len(v["stages"]) == len(v["stage_blocks"]) == len(v["measured_stage_ms"]) == int(P)
+                assert v["stages"][0][0] == 0 and v["stages"][-1][1] == len(r["blocks"])
+                assert all(_positive_finite(x) for x in (v["predicted_bottleneck_ms"], v["measured_bottleneck_ms"],
+                                                         v["measured_balance"], *v["measured_stage_ms"]))
+                assert v["predicted_bottleneck_ms"] >= m["time"]["predicted_bottleneck_ms"] * (1 - 1e-9)
+            assert all(_positive_finite(x) for x in e["ratios"].values())
+            assert e["ratios"]["predicted_params_vs_time"] >= 1 - 1e-9
+            assert e["ratios"]["predicted_uniform_vs_time"] >= 1 - 1e-9
+    b = data["pipeline"]
+    assert b["P"] == 2 and {(r["schedule"], r["M"]) for r in b["rows"]} == {
+        (s, m) for s in ("1f1b", "gpipe") for m in (2, 4)}
+    for r in b["rows"]:
+        assert all(_positive_finite(r[k]) for k in ("steps_per_s", "speedup", "efficiency", "sequential_step_s",
+                                                    "efficiency_vs_ideal", "efficiency_vs_simulated_ideal")), r
+        assert 0 < r["ideal_efficiency"] <= 1 and 0 < r["simulated_ideal_efficiency"] <= 1 + 1e-9, r
+        # 1F1B holds at most P - s micro-batches on stage s, GPipe all M
+        assert r["peak_in_flight_per_stage"] == ([min(r["M"], 2), 1] if r["schedule"] == "1f1b" else [r["M"]] * 2)
+    c = data["reducers"]
+    engines = {row["engine"] for row in c["rows"] if _positive_finite(row["algbw_GBps"])}
+    assert "mpi" in engines, c
+    assert "horovod" in engines or c["horovod_errors"], c
+    assert all(_positive_finite(q["horovod_vs_mpi"]) for q in c["ratios"])
