@@ -24,9 +24,10 @@ C. Replica gradient averaging (mpirun -np 4: P = 2 stages x D = 2 replicas): MPI
    Allreduce) vs HorovodReducer (one process set per stage) on flat float32 buffers, both stages
    reducing at once as in training; engines alternate inside each repeat; algbw = bytes / time.
    Pass 1 sets HOROVOD_CYCLE_TIME to hpctrain's CPU default (10 ms, hpctrain/backends/horovod.py);
-   pass 2 (--hvd-default-pass 1; off with --quick) re-initialises Horovod with its own default cycle
-   time, which is what a pipelined run with --pipeline-allreduce horovod gets (that path never sets the
-   variable); each pass has its own mpi peer.
+   pass 2 (--hvd-default-pass 1; off with --quick) leaves it unset (Horovod's own default), which is what a
+   pipelined run with --pipeline-allreduce horovod gets (that path never sets the variable). Each pass is
+   its own mpirun with its own mpi peer: re-initialising Horovod in one process is not reliable (see
+   worker_reduce).
 
 Writes DIR/pipeline.json and DIR/pipeline.png (DIR: benchmarks/results; --quick: a new temp directory).
 Statistics: mean +/- 1.96 sd over repeats.
@@ -44,6 +45,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -398,9 +400,12 @@ def worker_pipe(a, result_path: str) -> None:
 
 
 def worker_reduce(a, result_path: str, stage_sizes: list[int]) -> None:
+    """One Horovod configuration per launch: in Horovod 0.28.1 a shutdown + init in the same process keeps
+    the previous cycle time when HOROVOD_CYCLE_TIME is removed, and with process sets the new instance
+    sometimes fails at once with "Horovod has been shut down" (both seen here), so each pass is its own mpirun."""
     import numpy as np
     import torch
-    from mpi4py import MPI  # first: MPI belongs to mpi4py, so Horovod can be (re-)initialised on it
+    from mpi4py import MPI  # first: MPI belongs to mpi4py, Horovod initialises on top of it
     from hpctrain.pipeline.runtime import Grid, HorovodReducer, MPIReducer
 
     comm = MPI.COMM_WORLD
@@ -411,24 +416,40 @@ def worker_reduce(a, result_path: str, stage_sizes: list[int]) -> None:
     if stage_sizes:
         points.append((f"{a.pipe_arch} stages", list(stage_sizes)))
     mpi = MPIReducer(grid)
+    if a.hvd_cycle_ms:
+        hname = "horovod_cycle%gms" % a.hvd_cycle_ms
+        os.environ["HOROVOD_CYCLE_TIME"] = "%g" % a.hvd_cycle_ms
+    else:  # what --pipeline-allreduce horovod runs with: the pipeline path never sets the variable
+        hname = "horovod_default_cycle"
+        os.environ.pop("HOROVOD_CYCLE_TIME", None)
+    red, err = None, None
+    try:
+        red = HorovodReducer(grid)
+        probe = torch.ones(16) * (grid.replica + 1)
+        red(probe)
+        if not torch.allclose(probe, torch.full_like(probe, (grid.replicas + 1) / 2)):
+            raise RuntimeError(f"HorovodReducer averaged to {probe[0].item()}, expected {(grid.replicas + 1) / 2}")
+    except Exception as e:  # noqa: BLE001 - recorded in the result, not fatal
+        err = f"{type(e).__name__}: {e}"
+    errs = sorted({e for e in comm.allgather(err) if e})
+    if errs:
+        red = None
+        if rank == 0:
+            print(f"[C] {hname}: {'; '.join(errs)}", flush=True)
+    rows = []
 
-    def horovod(env_cycle):
-        """A HorovodReducer under the given HOROVOD_CYCLE_TIME (None: Horovod's default); (reducer, error)."""
-        if env_cycle is None:
-            os.environ.pop("HOROVOD_CYCLE_TIME", None)
-        else:
-            os.environ["HOROVOD_CYCLE_TIME"] = str(env_cycle)
-        red, err = None, None
-        try:
-            red = HorovodReducer(grid)
-            probe = torch.ones(16) * (grid.replica + 1)
-            red(probe)
-            if not torch.allclose(probe, torch.full_like(probe, (grid.replicas + 1) / 2)):
-                raise RuntimeError(f"HorovodReducer averaged to {probe[0].item()}, expected {(grid.replicas + 1) / 2}")
-        except Exception as e:  # noqa: BLE001 - recorded in the result, not fatal
-            err = f"{type(e).__name__}: {e}"
-        errs = [e for e in comm.allgather(err) if e]
-        return (red if not errs else None), ("; ".join(sorted(set(errs))) or None)
+    def write():
+        ratios = []
+        for label, _ in points:
+            m = next((r for r in rows if r["point"] == label and r["engine"] == "mpi"), None)
+            h = next((r for r in rows if r["point"] == label and r["engine"] == "horovod"), None)
+            if m and h:
+                ratios.append({"pass": hname, "point": label, "bytes_per_stage": m["bytes_per_stage"],
+                               "horovod_vs_mpi": h["algbw_GBps"] / m["algbw_GBps"]})
+        Path(result_path).write_text(json.dumps({
+            "np": comm.Get_size(), "P": 2, "D": grid.replicas, "threads_per_rank": 1, "repeats": a.reduce_repeats,
+            "horovod_cycle_time_env": {hname: os.environ.get("HOROVOD_CYCLE_TIME")},
+            "horovod_errors": {hname: "; ".join(errs)} if errs else {}, "rows": rows, "ratios": ratios}))
 
     def calls_for(fn, budget_s):
         fn()
@@ -438,67 +459,44 @@ def worker_reduce(a, result_path: str, stage_sizes: list[int]) -> None:
         one = max(time.perf_counter() - t, 1e-6)
         return comm.allreduce(max(1, min(200, int(budget_s / one))), op=MPI.MIN)
 
-    passes = [("horovod_cycle%gms" % a.hvd_cycle_ms, a.hvd_cycle_ms)]
-    if a.hvd_default_pass:
-        passes.append(("horovod_default_cycle", None))
-    rows, errors, env_used = [], {}, {}
-    for hname, cycle in passes:
-        red, err = horovod(cycle)
-        env_used[hname] = os.environ.get("HOROVOD_CYCLE_TIME")
-        if err:
-            errors[hname] = err
-            if rank == 0:
-                print(f"[C] {hname}: {err}", flush=True)
-        for label, sizes in points:
-            nbytes = sizes[grid.stage]
-            buf = torch.ones(nbytes // 4, dtype=torch.float32)
-            fns = {"mpi": lambda: mpi(buf)}
-            if red is not None:
-                fns[hname] = lambda: red(buf)
-            per_repeat = a.reduce_budget_s / a.reduce_repeats
-            calls = {n: calls_for(f, per_repeat) for n, f in fns.items()}
-            times = {n: [] for n in fns}
-            for _ in range(a.reduce_repeats):
-                for n, f in fns.items():  # engines take turns inside every repeat
-                    comm.Barrier()
-                    t = time.perf_counter()
-                    for _ in range(calls[n]):
-                        f()
-                    times[n].append((time.perf_counter() - t) / calls[n])
-            everyone = comm.gather((grid.stage, nbytes, times), root=0)
-            if rank == 0:
-                for n in fns:
-                    per_stage = {}
-                    for st, nb, tm in everyone:
-                        per_stage.setdefault(st, (nb, []))[1].extend(tm[n])
-                    stage_bw = {str(st): stats([nb / x / 1e9 for x in v]) for st, (nb, v) in per_stage.items()}
-                    # both stages reduce at once: total bytes moved / slowest stage's mean time
-                    slow = max(float(np.mean(v)) for _, v in per_stage.values())
-                    total = sum(nb for nb, _ in per_stage.values())
-                    bw, ci = stats([nb / x / 1e9 for nb, v in per_stage.values() for x in v])
-                    rows.append({"pass": hname, "engine": "mpi" if n == "mpi" else "horovod", "variant": n,
-                                 "point": label, "bytes_per_stage": [per_stage[k][0] for k in sorted(per_stage)],
-                                 "time_s": slow, "algbw_GBps": bw, "algbw_ci95": ci,
-                                 "per_stage_algbw_GBps": stage_bw, "aggregate_GBps": total / slow / 1e9,
-                                 "calls_per_repeat": calls[n]})
-                    print(f"[C] {hname:>22} {n:>22} {label:>16}  {bw:7.3f} +/- {ci:.3f} GB/s", flush=True)
+    for label, sizes in points:
+        nbytes = sizes[grid.stage]
+        buf = torch.ones(nbytes // 4, dtype=torch.float32)
+        fns = {"mpi": lambda: mpi(buf)}
         if red is not None:
-            red.hvd.shutdown()
-    if rank != 0:
-        return
-    ratios = []
-    for hname, _ in passes:
-        for label, _ in points:
-            m = next((r for r in rows if r["pass"] == hname and r["point"] == label and r["engine"] == "mpi"), None)
-            h = next((r for r in rows if r["pass"] == hname and r["point"] == label and r["engine"] == "horovod"), None)
-            if m and h:
-                ratios.append({"pass": hname, "point": label, "bytes_per_stage": m["bytes_per_stage"],
-                               "horovod_vs_mpi": h["algbw_GBps"] / m["algbw_GBps"]})
-    Path(result_path).write_text(json.dumps({
-        "np": comm.Get_size(), "P": 2, "D": grid.replicas, "threads_per_rank": 1, "repeats": a.reduce_repeats,
-        "horovod_cycle_time_env": env_used, "horovod_errors": errors, "rows": rows, "ratios": ratios,
-        "note": "pass horovod_default_cycle: HOROVOD_CYCLE_TIME unset (Horovod's default), what "
-                "--pipeline-allreduce horovod runs with, since the pipeline backend never sets it"}))
+            fns[hname] = lambda: red(buf)
+        per_repeat = a.reduce_budget_s / a.reduce_repeats
+        calls = {n: calls_for(f, per_repeat) for n, f in fns.items()}
+        times = {n: [] for n in fns}
+        for _ in range(a.reduce_repeats):
+            for n, f in fns.items():  # engines take turns inside every repeat
+                comm.Barrier()
+                t = time.perf_counter()
+                for _ in range(calls[n]):
+                    f()
+                times[n].append((time.perf_counter() - t) / calls[n])
+        everyone = comm.gather((grid.stage, nbytes, times), root=0)
+        if rank != 0:
+            continue
+        for n in fns:
+            per_stage = {}
+            for st, nb, tm in everyone:
+                per_stage.setdefault(st, (nb, []))[1].extend(tm[n])
+            stage_bw = {str(st): stats([nb / x / 1e9 for x in v]) for st, (nb, v) in per_stage.items()}
+            # both stages reduce at once: total bytes of both / the slower stage's mean time
+            slow = max(float(np.mean(v)) for _, v in per_stage.values())
+            total = sum(nb for nb, _ in per_stage.values())
+            bw, ci = stats([nb / x / 1e9 for nb, v in per_stage.values() for x in v])
+            rows.append({"pass": hname, "engine": "mpi" if n == "mpi" else "horovod", "variant": n, "point": label,
+                         "bytes_per_stage": [per_stage[k][0] for k in sorted(per_stage)], "time_s": slow,
+                         "algbw_GBps": bw, "algbw_ci95": ci, "per_stage_algbw_GBps": stage_bw,
+                         "aggregate_GBps": total / slow / 1e9, "calls_per_repeat": calls[n]})
+            print(f"[C] {hname:>22} {n:>22} {label:>16}  {bw:7.3f} +/- {ci:.3f} GB/s", flush=True)
+        write()  # after every point: a later failure still leaves these
+    if red is not None:
+        red.hvd.shutdown()
+    if rank == 0:
+        write()
 
 
 # ---------------------------------------------------------------------------------------------------- driver
@@ -518,7 +516,10 @@ def mpirun(np_: int, args: list[str], timeout: int) -> tuple[bool, str]:
         if line.startswith(("[B]", "[C]")):
             print("   " + line, flush=True)
     if p.returncode != 0:
-        return False, f"{' '.join(cmd)} failed (rc {p.returncode}):\n{p.stderr[-3000:]}"
+        err = p.stderr
+        first = err.find("Traceback")  # the first error says why; the tail is often other ranks' echoes
+        head = err[first:first + 2500] if first >= 0 else ""
+        return False, f"{' '.join(cmd)} failed (rc {p.returncode}):\n{head}\n...\n{err[-1500:]}"
     return True, p.stdout
 
 
@@ -534,19 +535,33 @@ def part_b(a) -> dict:
                           timeout=a.timeout)
         if not ok or not path.is_file():
             print(f"[B] failed: {text[-1500:]}", flush=True)
-            return {"error": text[-3000:]}
+            return {"error": text}
         return json.loads(path.read_text())
 
 
 def part_c(a, stage_sizes: list[int]) -> dict:
-    with tempfile.TemporaryDirectory() as d:
-        path = Path(d) / "c.json"
-        ok, text = mpirun(4, [__file__, "--worker", "reduce", "--result", str(path),
-                              "--stage-sizes", ",".join(map(str, stage_sizes)), *worker_args(a)], timeout=a.timeout)
-        if not ok or not path.is_file():
-            print(f"[C] failed: {text[-1500:]}", flush=True)
-            return {"error": text[-3000:], "horovod_errors": {"run": text[-3000:]}, "rows": [], "ratios": []}
-        return json.loads(path.read_text())
+    merged = {"np": 4, "P": 2, "D": 2, "threads_per_rank": 1, "repeats": a.reduce_repeats, "horovod_cycle_time_env": {},
+              "horovod_errors": {}, "rows": [], "ratios": [],
+              "note": "one mpirun per Horovod configuration; horovod_default_cycle = HOROVOD_CYCLE_TIME unset, what "
+                      "--pipeline-allreduce horovod runs with (the pipeline path never sets it)"}
+    for cycle in [a.hvd_cycle_ms] + ([0.0] if a.hvd_default_pass and a.hvd_cycle_ms else []):
+        with tempfile.TemporaryDirectory() as d:
+            path = Path(d) / "c.json"
+            args = [__file__, "--worker", "reduce", "--result", str(path),
+                    "--stage-sizes", ",".join(map(str, stage_sizes)), *worker_args(a)]
+            args[args.index("--hvd-cycle-ms") + 1] = str(cycle)
+            ok, text = mpirun(4, args, timeout=a.timeout)
+            part = json.loads(path.read_text()) if path.is_file() else {}
+        name = "horovod_cycle%gms" % cycle if cycle else "horovod_default_cycle"
+        if not ok:
+            print(f"[C] {name} failed: {text[-1500:]}", flush=True)
+            merged["horovod_errors"][name + " (run)"] = text
+            merged.setdefault("errors", {})[name] = text
+        for k in ("rows", "ratios"):
+            merged[k] += part.get(k, [])
+        for k in ("horovod_cycle_time_env", "horovod_errors"):
+            merged[k].update(part.get(k, {}))
+    return merged
 
 
 def summary(result: dict) -> str:
@@ -680,10 +695,16 @@ def main():
         if getattr(a, k) is None:
             setattr(a, k, v)
 
-    if a.worker == "pipe":
-        return worker_pipe(a, a.result)
-    if a.worker == "reduce":
-        return worker_reduce(a, a.result, [int(x) for x in a.stage_sizes.split(",") if x])
+    if a.worker:
+        from mpi4py import MPI
+        try:
+            if a.worker == "pipe":
+                return worker_pipe(a, a.result)
+            return worker_reduce(a, a.result, [int(x) for x in a.stage_sizes.split(",") if x])
+        except BaseException:
+            traceback.print_exc()
+            sys.stderr.flush()
+            MPI.COMM_WORLD.Abort(1)  # an exception on some ranks would leave the others waiting forever
 
     out = Path(a.out) if a.out else Path(tempfile.mkdtemp(prefix="pipeline-quick-")) if a.quick \
         else ROOT / "benchmarks" / "results"

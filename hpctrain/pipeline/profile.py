@@ -46,8 +46,9 @@ def _profile(blocks, task, batch, device, warmup, repeats, autocast) -> list[dic
              "act_bytes": 0, "saved_bytes": 0} for n, b in blocks]
     for rep in range(warmup + repeats):
         x, saved_sizes, pairs = task.inputs(batch), [], []
-        for row, (_, block) in zip(rows, blocks):
-            x_in = x.detach().requires_grad_(x.is_floating_point())
+        for k, (row, (_, block)) in enumerate(zip(rows, blocks)):
+            # The first block's input is data: the pipeline never computes its gradient, so neither do we.
+            x_in = x.detach().requires_grad_(k > 0 and x.is_floating_point())
             seen: dict[int, int] = {}
 
             def pack(t, seen=seen):  # autograd's saved tensors, minus the weights: the activation memory
