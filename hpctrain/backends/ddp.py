@@ -70,4 +70,7 @@ class DDPBackend(LocalBackend):
 
     def shutdown(self) -> None:
         if dist.is_initialized():
+            # All ranks past their last collective first: a rank tearing gloo down while its peer's
+            # loop still reads aborts the peer (SIGABRT at exit, seen once in CI after correct results).
+            dist.barrier()
             dist.destroy_process_group()
