@@ -7,7 +7,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export OMPI_ALLOW_RUN_AS_ROOT := 1
 export OMPI_ALLOW_RUN_AS_ROOT_CONFIRM := 1
 
-.PHONY: install demo demo-bert test test-unit test-parallel clean
+.PHONY: install demo demo-bert test test-unit test-latest lock clean
 
 install:
 	@bash scripts/install.sh
@@ -25,6 +25,16 @@ test: install
 
 test-unit: install
 	$(PY) -m pytest -ra tests/unit $(PYTEST_ARGS)
+
+# Re-resolve the pins (requirements/base.in -> requirements/lock.txt); then `make test` before committing.
+lock:
+	bash scripts/lock.sh
+
+# Not in CI: the same suite in a separate venv with the newest releases of requirements/base.in, so the
+# day a pin can move (or a user's newer stack breaks us) is found here first.
+test-latest:
+	HPCTRAIN_VENV=$(CURDIR)/.venv-latest HPCTRAIN_DEPS=latest bash scripts/install.sh
+	PATH=$(CURDIR)/.venv-latest/bin:$$PATH .venv-latest/bin/python -m pytest -ra tests $(PYTEST_ARGS)
 
 clean:
 	rm -rf runs .pytest_cache

@@ -150,7 +150,6 @@ def main():
         for engine, per_call in timed_interleaved(dict(engines(nbytes, device, hvd, hopt, gloo)),
                                                   a.repeats, a.budget_s).items():
             record(engine, nbytes, per_call)
-        hopt._handles.clear()
         hvd.allreduce(torch.zeros(1), name=f"sync.{nbytes}")  # keep ranks in step between sizes
 
     # Horovod variants, each in its own init; 16 pieces so the fusion buffer has something to fuse.

@@ -80,6 +80,7 @@ def bert_blocks(model) -> list:
     The head's decoder weight is tied to the word embeddings: the pipeline runtime sums its gradient
     across the two stages that hold it."""
     from torch import nn
+    from transformers.masking_utils import create_bidirectional_mask
 
     class Block(nn.Module):
         def __init__(self, fn, *modules):
@@ -96,9 +97,10 @@ def bert_blocks(model) -> list:
 
     def layer_fn(layer):
         def run(hidden, batch):
-            mask = bert._create_attention_masks(attention_mask=batch["attention_mask"], encoder_attention_mask=None,
-                                                embedding_output=hidden, encoder_hidden_states=None,
-                                                past_key_values=None)[0]
+            # transformers' public mask builder: the form (additive, boolean or None) suits the model's
+            # attention implementation, exactly as BertModel.forward builds it.
+            mask = create_bidirectional_mask(config=bert.config, inputs_embeds=hidden,
+                                             attention_mask=batch["attention_mask"])
             out = layer(hidden, mask)
             return out[0] if isinstance(out, tuple) else out
         return run
