@@ -1,8 +1,9 @@
 """Where am I running? The ONLY module that reads launcher environment variables.
 
-Everything else receives a `ClusterEnv`. Detection order (first match wins): horovodrun/mpirun
-(Open MPI), srun (Slurm step), PMI/PMIx (MPICH, Intel MPI, srun --mpi=pmix without Open MPI),
-torchrun, single process (with a warning if a scheduler allocation is visible but no launcher is).
+Everything else receives a `ClusterEnv`. Detection order (first match wins): horovodrun --gloo
+(HOROVOD_RANK), horovodrun/mpirun (Open MPI), srun (Slurm step), PMI/PMIx (MPICH, Intel MPI,
+srun --mpi=pmix without Open MPI), torchrun, single process (with a warning if a scheduler allocation
+is visible but no launcher is).
 """
 from __future__ import annotations
 
@@ -12,8 +13,10 @@ import warnings
 from dataclasses import dataclass, asdict
 from typing import Mapping
 
+from hpctrain.errors import UserError
 
-class ClusterError(RuntimeError):
+
+class ClusterError(UserError, RuntimeError):
     """Launcher variables that contradict each other."""
 
 
@@ -24,7 +27,7 @@ class ClusterEnv:
     size: int
     local_size: int
     node_rank: int
-    launcher: str  # "openmpi" | "slurm" | "pmi" | "torchrun" | "single"
+    launcher: str  # "horovod-gloo" | "openmpi" | "slurm" | "pmi" | "torchrun" | "single"
     hostname: str = ""
     master_addr: str | None = None  # set by torchrun / Slurm; used by torch.distributed when present
     master_port: int | None = None
@@ -65,6 +68,26 @@ def _first_slurm_host(nodelist: str | None) -> str | None:
         first = rest.split("-")[0].split(",")[0].rstrip("]")
         return prefix + first
     return head
+
+
+def _detect_horovod_gloo(env):
+    # horovodrun --gloo (horovod/runner/gloo_run.py) gives each worker HOROVOD_RANK, _SIZE, _LOCAL_RANK,
+    # _LOCAL_SIZE, _CROSS_RANK, _CROSS_SIZE and _HOSTNAME, no OMPI_*. horovodrun without --gloo goes
+    # through mpirun and sets no HOROVOD_RANK, so MPI launches are unaffected.
+    if "HOROVOD_RANK" not in env:
+        return None
+    rank = _int(env, "HOROVOD_RANK")
+    size = _int(env, "HOROVOD_SIZE")
+    local_rank = _int(env, "HOROVOD_LOCAL_RANK")
+    local_size = _int(env, "HOROVOD_LOCAL_SIZE")
+    # Cross rank = index of this host among the hosts that have this local rank: the node index
+    # whenever every host has the same slot count (-H a:4,b:4), Horovod's usual layout.
+    node_rank = _int(env, "HOROVOD_CROSS_RANK")
+    if node_rank is None and local_size and rank is not None:
+        node_rank = rank // local_size
+    # The rendezvous address is Horovod's own driver, not a torch.distributed master: not master_addr.
+    extra = {"job_id": env.get("SLURM_JOB_ID"), "restart_count": _int(env, "SLURM_RESTART_COUNT") or 0}
+    return "horovod-gloo", rank, size, local_rank, local_size, node_rank, extra
 
 
 def _detect_openmpi(env):
@@ -142,7 +165,14 @@ def _detect_torchrun(env):
     return "torchrun", rank, size, local_rank, local_size, node_rank, extra
 
 
-DETECTORS = (_detect_openmpi, _detect_slurm, _detect_pmi, _detect_torchrun)
+# horovodrun --gloo comes first: HOROVOD_RANK is set per worker by the launcher that started this
+# very process, and horovodrun copies its whole environment into every worker (over ssh too). So
+# OMPI_*/SLURM_*/PMI* next to HOROVOD_RANK were inherited from an outer launcher and describe the one
+# horovodrun process: `srun -n1 horovodrun --gloo -np 8 ...` hands every worker SLURM_PROCID=0,
+# SLURM_STEP_ID and SLURM_STEP_NUM_TASKS=1, which _detect_slurm would read as "rank 0 of 1"; in the
+# batch shell (no srun) only SLURM_JOB_ID & co. are there and would give "single". Horovod's own
+# get_env_rank_and_size() uses the same order (HOROVOD_RANK before OMPI_COMM_WORLD_RANK).
+DETECTORS = (_detect_horovod_gloo, _detect_openmpi, _detect_slurm, _detect_pmi, _detect_torchrun)
 
 
 def detect(env: Mapping[str, str] | None = None) -> ClusterEnv:

@@ -18,7 +18,8 @@ def env() -> dict:
     e["PYTHONPATH"] = f"{ROOT}:{e.get('PYTHONPATH', '')}"
     e["PYTHONUNBUFFERED"] = "1"
     e.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", OMPI_MCA_rmaps_base_oversubscribe="1")
-    for k in [k for k in e if k.startswith(("OMPI_COMM_WORLD", "SLURM_", "PMIX_", "PMI_"))]:
+    gloo_identity = ("HOROVOD_RANK", "HOROVOD_SIZE", "HOROVOD_LOCAL_", "HOROVOD_CROSS_")
+    for k in [k for k in e if k.startswith(("OMPI_COMM_WORLD", "SLURM_", "PMIX_", "PMI_", *gloo_identity))]:
         del e[k]  # never inherit a launcher identity from the shell that runs pytest
     return e
 
@@ -29,6 +30,8 @@ def command(launcher: str, np: int, args: list[str]) -> list[str]:
         return [shutil.which("mpirun") or "mpirun", "-np", str(np), "--oversubscribe", "--bind-to", "none", *py]
     if launcher == "horovodrun":
         return [str(BIN / "horovodrun"), "-np", str(np), "-H", f"localhost:{np}", *py]
+    if launcher == "horovodrun-gloo":  # no mpirun: Horovod's own launcher sets HOROVOD_RANK & co.
+        return [str(BIN / "horovodrun"), "--gloo", "-np", str(np), "-H", f"localhost:{np}", *py]
     if launcher == "single":
         return py
     raise ValueError(launcher)
