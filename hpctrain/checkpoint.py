@@ -6,9 +6,13 @@ numpy, TF...). Only rank 0 calls `save`; the loaded state is broadcast by the en
 A checkpoint `ckpt-00001234.pt` is written to a temp file in the same directory, fsynced, and
 renamed over; its SHA-256 sits beside it in `ckpt-00001234.pt.sha256`, written before the rename,
 so a file that exists always has its checksum and a flipped or truncated byte is caught on load.
+A checkpoint without its checksum (copied by hand, older versions) is unverified: resume prefers an
+older verified one. Temp files of an interrupted save are removed at start and after each save (the
+run-directory lock guarantees no other run is writing here).
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import re
@@ -16,11 +20,14 @@ import tempfile
 from pathlib import Path
 from typing import BinaryIO, Callable, TypeVar
 
+from hpctrain.errors import CheckpointSaveError, UserError
+
 T = TypeVar("T")
 _NAME = re.compile(r"^ckpt-(\d{8,})\.pt$")
+_TEMP = re.compile(r"^\.ckpt-\d{8,}\.pt(\.sha256)?\..+\.tmp$")  # what save()'s mkstemp calls create
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     pass
 
 
@@ -75,8 +82,22 @@ class CheckpointManager:
         return [p for _, p in sorted(found, reverse=True)]
 
     def save(self, step: int, write: Callable[[BinaryIO], None]) -> Path:
-        self.dir.mkdir(parents=True, exist_ok=True)
+        """Write atomically; on any failure the temp file goes, the previous checkpoints stay, and
+        CheckpointSaveError says in one line what failed (the OS error, e.g. ENOSPC, not the
+        serializer's wrapper around it)."""
         final = self.path_for(step)
+        try:
+            self._write(final, write)
+        except Exception as e:  # noqa: BLE001 - whatever failed, the run must stop with one clear line
+            good = self.list()
+            raise CheckpointSaveError(f"could not write checkpoint {final}: {os_reason(e)}; nothing was replaced, "
+                                      f"newest good checkpoint: {good[0].name if good else 'none'}") from e
+        self._prune()
+        self.remove_stale_temps()
+        return final
+
+    def _write(self, final: Path, write: Callable[[BinaryIO], None]) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
         fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=self.dir)
         tmp = Path(tmp_name)
         try:
@@ -92,18 +113,31 @@ class CheckpointManager:
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
-        self._prune()
-        return final
+
+    def remove_stale_temps(self) -> list[str]:
+        """Temp files of saves that never finished (a killed rank 0 leaves them, up to checkpoint size)."""
+        removed = []
+        if self.dir.is_dir():
+            for p in self.dir.iterdir():
+                if _TEMP.match(p.name):
+                    p.unlink(missing_ok=True)
+                    removed.append(p.name)
+        return removed
 
     def _prune(self) -> None:
         for old in self.list()[self.keep:]:
             old.unlink(missing_ok=True)
             old.with_name(old.name + ".sha256").unlink(missing_ok=True)
 
+    @staticmethod
+    def has_checksum(path: Path) -> bool:
+        return path.with_name(path.name + ".sha256").exists()
+
     def verify(self, path: Path) -> None:
         side = path.with_name(path.name + ".sha256")
         if not side.exists():
-            return  # written by hand or by an older version: the reader's own checks must do
+            self.log(f"warning: checkpoint {path} has no {side.name}: loading it unverified")
+            return
         expected = side.read_text().split()[0] if side.read_text().strip() else ""
         actual = sha256_file(path)
         if actual != expected:
@@ -114,7 +148,11 @@ class CheckpointManager:
         None when there is no checkpoint; CheckpointError when every one is bad."""
         candidates = self.list()
         bad = []
-        for path in candidates:
+        for i, path in enumerate(candidates):
+            if not self.has_checksum(path) and any(map(self.has_checksum, candidates[i + 1:])):
+                self.log(f"warning: checkpoint {path} has no checksum file: skipped in favour of an older verified "
+                         f"one (--resume {path} loads it anyway)")
+                continue
             try:
                 return path, self.load(path, read)
             except Exception as e:  # noqa: BLE001 - any failure to read means "corrupt", say which
@@ -129,3 +167,16 @@ class CheckpointManager:
     def load(self, path: Path, read: Callable[[Path], T]) -> T:
         self.verify(path)
         return read(path)
+
+
+def os_reason(error: BaseException) -> str:
+    """The operating-system cause of a failed write, wherever it sits in the exception chain (torch.save
+    reports a full disk as 'enforce fail at inline_container.cc ... unexpected pos', chained to the
+    OSError that says ENOSPC)."""
+    seen = error
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno:
+            return f"{seen.strerror or os.strerror(seen.errno)} ({errno.errorcode.get(seen.errno, seen.errno)})"
+        seen = seen.__cause__ or seen.__context__
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"

@@ -1,39 +1,90 @@
-"""What every entry point shares: parse config or exit 2, detect the cluster, log the config once."""
+"""What every entry point shares: the run from parsed flags to exit code, and the one-line error path.
+
+    detect the launcher -> parse the config -> announce -> preemption handler -> build(cfg, cluster)
+    -> train -> report -> close (every rank waits for rank 0) -> exit 0, or 85 after an agreed stop
+
+Any `ExitError` (bad input: exit 2; failed checkpoint save: 87; non-finite loss: 88) becomes one
+line on stderr, printed by rank 0 only (see `report_error`).
+"""
 from __future__ import annotations
 
 import json
+import os
 import sys
+import time
+from typing import Callable
 
-from hpctrain import preempt
-from hpctrain.cluster import ClusterEnv, ClusterError, detect
-from hpctrain.config import ConfigError, TrainConfig, parse
+from hpctrain import preempt, runlock
+from hpctrain.cluster import ClusterEnv, detect
+from hpctrain.config import parse
+from hpctrain.errors import EXIT_PREEMPTED, ExitError
+
+# How long a non-zero rank that hit an error waits for rank 0 to report it and for the launcher to
+# end the job, before it concludes the error was its own and prints it itself.
+PEER_REPORT_GRACE_S = 5.0
 
 
-def fail(prog: str, message: str, code: int = 2):
-    print(f"{prog}: error: {message}", file=sys.stderr, flush=True)
-    sys.exit(code)
+def one_write_per_line() -> None:
+    """Emit each line with one write(). With PYTHONUNBUFFERED=1 (common on clusters and in containers)
+    print() writes the text and the newline separately, and Open MPI's --tag-output (horovodrun) then
+    tags the bare newline and glues two ranks' lines together."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.reconfigure(line_buffering=True, write_through=False)
+        except (AttributeError, ValueError):  # replaced by a harness, or already closed
+            pass
 
 
-def start(argv: list[str] | None, prog: str, config_cls=None) -> tuple[TrainConfig, ClusterEnv]:
+def report_error(prog: str, error: ExitError, rank: int | None) -> int:
+    """One line for the whole job. Errors from the config, the launcher or a collective verdict are the
+    same on every rank: rank 0 prints and leaves at once; the launcher then ends the job, so the others,
+    waiting out a grace period, never print. A rank still alive after it had an error of its own (rank
+    0 did not fail), and says so."""
+    if rank:
+        time.sleep(PEER_REPORT_GRACE_S)
+        print(f"{prog}: error (rank {rank}): {error}", file=sys.stderr, flush=True)
+        return error.exit_code
+    print(f"{prog}: error: {error}", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    # Not a normal interpreter exit: Open MPI's MPI_Finalize (run at exit by mpi4py or Horovod) waits
+    # for the other ranks, which are waiting out their grace period, and they would then print too.
+    runlock.release_all()
+    os._exit(error.exit_code)
+
+
+def run(prog: str, argv: list[str] | None, build: Callable, config_cls=None,
+        after: Callable | None = None) -> int:
+    """`build(cfg, cluster)` -> a resumed Trainer; `after(trainer, cfg, result)` runs once training ended
+    without a stop signal (BERT's Hugging Face export)."""
+    one_write_per_line()
+    rank = None
     try:
-        cfg = parse(argv, prog, config_cls)
         cluster = detect()
-    except (ConfigError, ClusterError) as e:
-        fail(prog, str(e))
-    if cluster.rank == 0:
-        print(f"{prog}: {cluster.launcher} launcher, {cluster.size} rank(s) on {cluster.num_nodes} node(s)", flush=True)
-        print(f"{prog}: config {json.dumps(cfg.to_dict(), sort_keys=True)}", flush=True)
-    return cfg, cluster
+        rank = cluster.rank
+        cfg = parse(argv, prog, config_cls)
+        if rank == 0:
+            print(f"{prog}: {cluster.launcher} launcher, {cluster.size} rank(s) on {cluster.num_nodes} node(s)")
+            print(f"{prog}: config {json.dumps(cfg.to_dict(), sort_keys=True)}")
+        preemption = preempt.Preemption().install()  # from here SIGUSR1/SIGTERM only set a flag
+        trainer = build(cfg, cluster)
+        result = trainer.train(preemption)
+        if after is not None and "stopped_by_signal" not in result:
+            after(trainer, cfg, result)
+        code = report(prog, cluster, trainer.step, result)
+        trainer.close()  # every rank waits here until rank 0 has written and reported everything
+        return code
+    except ExitError as e:
+        return report_error(prog, e, rank)
 
 
-def finish(prog: str, cluster: ClusterEnv, step: int, result: dict) -> int:
-    """Rank 0 reports the outcome; a preempted run exits with preempt.EXIT_PREEMPTED so the batch
-    script knows to requeue."""
+def report(prog: str, cluster: ClusterEnv, step: int, result: dict) -> int:
+    """Rank 0 reports the outcome; a preempted run exits with EXIT_PREEMPTED so the batch script knows
+    to requeue (the checkpoint is on disk: every rank learnt that from the save's collective)."""
     if "stopped_by_signal" in result:
         if cluster.rank == 0:
             print(f"{prog}: stopped at step {step} on {result['stopped_by_signal']}, checkpoint saved: "
-                  f"exit {preempt.EXIT_PREEMPTED} (requeue to resume)", flush=True)
-        return preempt.EXIT_PREEMPTED
+                  f"exit {EXIT_PREEMPTED} (requeue to resume)", flush=True)
+        return EXIT_PREEMPTED
     if cluster.rank == 0:
         print(f"{prog}: done at step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in result.items()
                                                             if isinstance(v, float)), flush=True)

@@ -11,14 +11,17 @@ import argparse
 import dataclasses
 import difflib
 import json
+import math
 import sys
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, get_type_hints
 
+from hpctrain.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A configuration value that is not allowed (one line, names field and allowed values)."""
 
 
@@ -221,9 +224,12 @@ def _coerce(value: Any, typ: type, where: str) -> Any:
             raise ConfigError(f"{where}: {value!r} is not an integer") from None
     if typ is float:
         try:
-            return float(value)
+            number = float(value)
         except (TypeError, ValueError):
             raise ConfigError(f"{where}: {value!r} is not a number") from None
+        if not math.isfinite(number):  # nan passes every < / > check below
+            raise ConfigError(f"{where}: {value!r} is not a finite number")
+        return number
     return str(value)
 
 
@@ -269,7 +275,7 @@ def load_toml(cfg, path: str) -> None:
 
 
 class _OneLineParser(argparse.ArgumentParser):
-    """argparse, but errors are one line ('prog: error: ...') and exit 2, without the usage dump."""
+    """argparse, but a bad flag raises ConfigError (one line, exit 2 from the entry point), no usage dump."""
 
     def error(self, message: str):
         if "unrecognized arguments" in message:
@@ -277,7 +283,7 @@ class _OneLineParser(argparse.ArgumentParser):
             known = [a for action in self._actions for a in action.option_strings]
             hints = [m for b in bad for m in difflib.get_close_matches(b.split("=")[0], known, n=1)]
             message += f" (did you mean {', '.join(hints)}?)" if hints else " (see --help for the options)"
-        self.exit(2, f"{self.prog}: error: {message}\n")
+        raise ConfigError(message)  # the entry point prints it once for all ranks
 
 
 def build_parser(prog: str, extra=None, config_cls=None) -> argparse.ArgumentParser:
@@ -285,7 +291,7 @@ def build_parser(prog: str, extra=None, config_cls=None) -> argparse.ArgumentPar
     SECTIONS = sections(type(defaults))  # noqa: N806 (the sections of this config class)
     p = _OneLineParser(prog=prog, description="Train with Horovod/DDP on any launcher "
                                               "(horovodrun, mpirun, srun, single process).",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=argparse.HelpFormatter)  # each help text states its default
     p.add_argument("--config", help="TOML file with [run], [data], [model], [optim], [dist] sections")
     p.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
     for section in SECTIONS:
@@ -298,7 +304,8 @@ def build_parser(prog: str, extra=None, config_cls=None) -> argparse.ArgumentPar
             # give the same messages.
             group.add_argument(_flag(section, f), dest=f"{section}.{f.name}", default=None, **bare, metavar="V"
                                if not f.metadata.get("choices") else "{" + ",".join(f.metadata["choices"]) + "}",
-                               help=f"{f.metadata['help']} (default: {getattr(getattr(defaults, section), f.name)})")
+                               help=f"{f.metadata['help']} (default: {getattr(getattr(defaults, section), f.name)})"
+                               .replace("%", "%%"))  # argparse formats help with %
     return p
 
 

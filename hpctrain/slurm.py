@@ -20,6 +20,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from hpctrain.errors import UserError
+
 PROG = "hpctrain.slurm"
 ROOT = Path(__file__).resolve().parents[1]
 SLURM_DIR = ROOT / "slurm"
@@ -29,7 +31,7 @@ TIME_FORMATS = "MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS"
 _HEADER = re.compile(r"^#SBATCH\s+--([a-z-]+)(?:=(.*))?$")
 
 
-class SlurmHelperError(ValueError):
+class SlurmHelperError(UserError, ValueError):
     """A value that must not go into a batch script (one line, names the value and what is allowed)."""
 
 

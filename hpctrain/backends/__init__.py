@@ -11,7 +11,7 @@
 from __future__ import annotations
 
 from hpctrain.cluster import ClusterEnv
-from hpctrain.config import DistConfig
+from hpctrain.config import ConfigError, DistConfig
 
 
 def build_backend(cfg: DistConfig, cluster: ClusterEnv, device):
@@ -23,8 +23,8 @@ def build_backend(cfg: DistConfig, cluster: ClusterEnv, device):
         return DDPBackend(cfg, cluster, device)
     if cfg.backend == "none":
         if cluster.size > 1:
-            raise ValueError(f"--backend none runs one process, but the launcher started {cluster.size} ranks "
+            raise ConfigError(f"dist.backend (--backend): 'none' runs one process, but the launcher started {cluster.size} ranks "
                              "(allowed with several ranks: horovod, ddp)")
         from hpctrain.backends.local import LocalBackend
         return LocalBackend(cfg, cluster, device)
-    raise ValueError(f"backend {cfg.backend!r} is not one of: horovod, ddp, none")
+    raise ConfigError(f"dist.backend (--backend): {cfg.backend!r} is not allowed (allowed: horovod, ddp, none)")

@@ -23,6 +23,8 @@ from typing import Callable
 import numpy as np
 from PIL import Image
 
+from hpctrain.errors import UserError
+
 DATASETS = ("synthetic", "shapes", "folder")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 MEAN = np.array([0.485, 0.456, 0.406], np.float32)
@@ -37,7 +39,7 @@ _VERIFY_THREADS = 16    # opening files is latency-bound on parallel file system
 Log = Callable[[str], object]
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """Bad dataset configuration or bad data on disk; the message names the offending value/path."""
 
 

@@ -31,6 +31,7 @@ from typing import Callable, Iterable
 import numpy as np
 
 from hpctrain.checkpoint import atomic_write, sha256_file
+from hpctrain.errors import UserError
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 FORMAT_VERSION = 1
@@ -43,7 +44,7 @@ _MASK_STREAM = 3  # 4th seed word: keeps the masking stream apart from other per
 Log = Callable[[str], object]
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """Bad text input or a bad prepared corpus; the message names the offending file or value."""
 
 

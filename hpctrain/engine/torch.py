@@ -5,7 +5,9 @@ are combined; it exposes `train_step`, `train`, `evaluate`, `state_dict` / `load
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,9 +19,11 @@ from hpctrain.backends import build_backend
 from hpctrain.checkpoint import CheckpointManager
 from hpctrain.cluster import ClusterEnv, threads_per_rank, visible_gpu_index
 from hpctrain.config import ConfigError, TrainConfig
+from hpctrain.errors import CheckpointSaveError, ExitError, NonFiniteError
 from hpctrain.data.sharding import ShardedBatchSampler
 from hpctrain.metrics import MetricsLogger, Throughput
 from hpctrain.preempt import worker_ignores_foreign_sigterm
+from hpctrain.runlock import RunLock, RunLockError
 from hpctrain.schedule import lr_at, scaled_lr
 
 
@@ -31,6 +35,7 @@ class Runtime:
     backend: object
     data_rank: int = 0  # this rank's data-parallel replica (its rank, unless pipeline stages share a replica)
     data_size: int = 1  # number of data-parallel replicas (world size / pipeline stages)
+    run_lock: RunLock | None = None  # rank 0's lock on run_dir
 
 
 def setup(cfg: TrainConfig, cluster: ClusterEnv) -> Runtime:
@@ -58,9 +63,28 @@ def setup(cfg: TrainConfig, cluster: ClusterEnv) -> Runtime:
             backend = PipelineBackend(d, cluster, device, stages)
         except ValueError as e:
             raise ConfigError(str(e)) from None
-        return Runtime(cluster, device, threads, backend, backend.data_rank, backend.data_size)
-    backend = build_backend(d, cluster, device)
-    return Runtime(cluster, device, threads, backend, cluster.rank, cluster.size)
+        rt = Runtime(cluster, device, threads, backend, backend.data_rank, backend.data_size)
+    else:
+        rt = Runtime(cluster, device, threads, build_backend(d, cluster, device), cluster.rank, cluster.size)
+    rt.run_lock = lock_run_dir(cfg.run.run_dir, rt)
+    return rt
+
+
+def lock_run_dir(run_dir: str, rt: Runtime) -> RunLock | None:
+    """Rank 0 holds run_dir's lock for the run's lifetime (released by Trainer.close, at exit on an
+    error, or found stale after a crash); every rank learns the verdict, so a second run into the same
+    directory stops whole."""
+    lock, error = None, None
+    if rt.cluster.rank == 0:
+        try:
+            lock = RunLock(run_dir, job_id=rt.cluster.job_id, restart=rt.cluster.restart_count).acquire()
+            atexit.register(lock.release)
+        except RunLockError as e:
+            error = str(e)
+    error = rt.backend.broadcast_object(error)
+    if error:
+        raise RunLockError(error)
+    return lock
 
 
 def make_trainer(model: nn.Module, train_loader, val_loader, rt: Runtime, cfg: TrainConfig, task=None):
@@ -117,6 +141,12 @@ class Classification:
 
     def blocks(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
         return model.blocks()
+
+def nonfinite(tensors: dict) -> str | None:
+    """Names of the floating-point tensors holding NaN or inf (None when all are finite)."""
+    bad = [k for k, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    return f"{len(bad)} tensor(s), e.g. {bad[0]}" if bad else None
+
 
 def to_device(batch, device: torch.device):
     if isinstance(batch, torch.Tensor):
@@ -205,20 +235,23 @@ class Trainer:
     # ---- loop ------------------------------------------------------------------------------------
     def train(self, preemption=None) -> dict:
         """Train to the step limit, or until `preemption` (hpctrain.preempt.Preemption) reports an agreed
-        stop: then save and return with result["stopped_by_signal"] set to the signal's name."""
+        stop: then save and return with result["stopped_by_signal"] set to the signal's name. A
+        non-finite rank-averaged loss raises NonFiniteError before anything of those weights is saved."""
         cfg = self.cfg.run
         limit = min(self.total_steps, cfg.max_steps) if cfg.max_steps else self.total_steps
         self.logger = MetricsLogger(cfg.run_dir, enabled=self.cluster.rank == 0, total_steps=limit,
                                     progress=cfg.progress, tensorboard=cfg.tensorboard, initial_step=self.step)
         per_step = self.cfg.data.batch_size * self.accumulate
         result: dict = {}
+        stopped_by = None
         window = torch.zeros(3, dtype=torch.float64, device=self.device)
         window_start, window_steps = time.perf_counter(), 0
-        while self.step < limit:
+        while self.step < limit and stopped_by is None:
             epoch, offset = divmod(self.step, self.steps_per_epoch)
             self.sampler.set_epoch(epoch, skip_batches=offset * self.accumulate)
             epoch_rate = Throughput()
             batches = iter(self.train_loader)
+            saved = False
             for _ in range(offset, self.steps_per_epoch):
                 micro = [next(batches) for _ in range(self.accumulate)]
                 window += self.train_step(micro)
@@ -228,16 +261,22 @@ class Trainer:
                 if self.step % cfg.log_every == 0 or self.step == limit:
                     # Metrics: one allreduce per log interval, not per step.
                     total = self.backend.allreduce(window, "sum").tolist()
+                    loss = total[0] / total[2]
+                    if not math.isfinite(loss):
+                        raise NonFiniteError(f"rank-averaged loss is {loss} at step {self.step} (steps "
+                                             f"{self.step - window_steps + 1}..{self.step}): stopped, these weights "
+                                             "were not saved; lower --lr or check the data")
                     rate = per_step * window_steps / (time.perf_counter() - window_start)
                     mine = rate if self.counts_samples else 0.0  # a pipeline replica's samples count once
                     rates = self.backend.allreduce(torch.tensor([mine], dtype=torch.float64, device=self.device), "sum").item()
-                    result = {"loss": total[0] / total[2], "accuracy": total[1] / total[2],
+                    result = {"loss": loss, "accuracy": total[1] / total[2],
                               "lr": self.lr(self.step - 1), "epoch": epoch,
                               "samples_per_s_rank": rates / self.data_size, "samples_per_s_total": rates}
                     self.logger.log(self.step, "train", result)
                     window.zero_()
                     window_start, window_steps = time.perf_counter(), 0
-                if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
+                saved = bool(cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0)
+                if saved:
                     self.save()
                 if self.step >= limit:
                     break
@@ -245,17 +284,17 @@ class Trainer:
                 if preemption is not None and preemption.should_stop(
                         self.step, cfg.preempt_check_every,
                         lambda flag: self.backend.allreduce(torch.tensor([float(flag)], device=self.device), "sum").item()):
-                    if not (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0):
-                        self.save()
-                    self.log(f"stopping at step {self.step} on {preemption.reason}: checkpoint saved")
-                    return {**result, "stopped_by_signal": preemption.reason}
-            epoch_done = self.step % self.steps_per_epoch == 0
-            if epoch_done:
+                    stopped_by = preemption.reason
+                    break
+            if not saved:
+                self.save()  # end of epoch, a stop at max_steps or on a signal: always resumable from here
+            if self.step % self.steps_per_epoch == 0:  # also when the stop fell on an epoch's last step
                 self.logger.log(self.step, "epoch", {"epoch": epoch, "samples_per_s_rank": epoch_rate.rate()})
                 if cfg.eval_every_epoch and self.val_loader is not None:
                     result.update(self.evaluate())
-            if not (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0):
-                self.save()  # end of epoch or stop at max_steps: always resumable from here
+        if stopped_by is not None:
+            self.log(f"stopping at step {self.step} on {stopped_by}: checkpoint saved")
+            return {**result, "stopped_by_signal": stopped_by}
         return result
 
     @torch.no_grad()
@@ -292,15 +331,33 @@ class Trainer:
 
     def save(self) -> None:
         self.sync_buffers()  # collective: every rank takes part, only rank 0 writes
-        if self.cluster.rank == 0:
-            state = self.state_dict()
-            path = self.checkpoints.save(self.step, lambda f: torch.save(state, f))
-            self.log(f"saved checkpoint {path} (step {self.step})")
+        self.write_checkpoint(self.state_dict() if self.cluster.rank == 0 else None)
+
+    def write_checkpoint(self, state: dict | None) -> None:
+        """Rank 0 writes `state` (the others pass None); then one broadcast tells every rank the outcome.
+        So no rank returns (and exits, which makes the launcher kill rank 0) while rank 0 is still
+        writing, and a failed or refused save stops every rank with the same error."""
+        verdict = None
+        if state is not None:
+            try:
+                bad = nonfinite(state["model"])
+                if bad:
+                    raise NonFiniteError(f"weights are not finite at step {self.step} ({bad}): checkpoint not "
+                                         "written; lower --lr or check the data")
+                path = self.checkpoints.save(self.step, lambda f: torch.save(state, f))
+                self.log(f"saved checkpoint {path} (step {self.step})")
+            except ExitError as e:
+                verdict = (type(e).__name__, str(e))
+        verdict = self.backend.broadcast_object(verdict)
+        if verdict is not None:
+            raise {"NonFiniteError": NonFiniteError}.get(verdict[0], CheckpointSaveError)(verdict[1])
 
     def resume(self) -> int:
         """Rank 0 reads the newest good checkpoint (or --resume FILE); its state goes to every rank."""
         mode = self.cfg.run.resume
         found = None
+        if self.cluster.rank == 0:
+            self.remove_stale_temps()
         if mode != "never" and self.cluster.rank == 0:
             read = lambda p: torch.load(p, map_location="cpu", weights_only=True)  # noqa: E731
             if mode == "auto":
@@ -315,11 +372,23 @@ class Trainer:
                 self.log(f"resumed from {found[0]} at step {self.step}")
         # Every rank gets rank 0's weights, optimizer state and step, resumed or freshly initialised.
         self.backend.broadcast_state(self.model, self.optimizer)
+        if self.scaler is not None:  # fp16 loss scale: every rank must resume with rank 0's
+            self.scaler.load_state_dict(self.backend.broadcast_object(self.scaler.state_dict()
+                                                                     if self.cluster.rank == 0 else None))
         self.step = self.backend.broadcast_object(self.step)
         return self.step
+
+    def remove_stale_temps(self) -> None:
+        removed = self.checkpoints.remove_stale_temps()
+        if removed:
+            self.log(f"removed {len(removed)} temp file(s) of an interrupted save: {', '.join(removed)}")
 
     def close(self) -> None:
         if self.logger:
             self.logger.close()
+        if self.rt.run_lock is not None:  # now, not at exit: the launcher may kill rank 0 once others exit
+            self.rt.run_lock.release()
+        # No rank exits before rank 0 has finished writing: the launcher kills the job on the first exit.
+        self.backend.barrier()
         self.backend.shutdown()
 

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from hpctrain.checkpoint import atomic_write
+from hpctrain.errors import UserError
 
 METHODS = ("time", "params", "uniform")
 _GIB = float(1 << 30)
@@ -42,7 +43,7 @@ class LayerCost:
     saved_bytes: int = 0  # activation bytes kept for backward per micro-batch in flight (0: use act_bytes)
 
 
-class PartitionError(ValueError):
+class PartitionError(UserError, ValueError):
     """Bad partition request or plan file; the message is one line naming the bad value and what is allowed."""
 
 

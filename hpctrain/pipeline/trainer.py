@@ -171,13 +171,12 @@ class PipelineTrainer(Trainer):
 
     def save(self) -> None:
         self.sync_buffers()
-        state = self._gather()  # collective
-        if state is not None:
-            path = self.checkpoints.save(self.step, lambda f: torch.save(state, f))
-            self.log(f"saved checkpoint {path} (step {self.step})")
+        self.write_checkpoint(self._gather())  # gather: collective; rank 0 writes, every rank learns the outcome
 
     def resume(self) -> int:
         mode, state, where = self.cfg.run.resume, None, None
+        if self.cluster.rank == 0:
+            self.remove_stale_temps()
         if mode != "never" and self.cluster.rank == 0:
             read = lambda p: torch.load(p, map_location="cpu", weights_only=True)  # noqa: E731
             found = self.checkpoints.load_latest(read) if mode == "auto" else (Path(mode), self.checkpoints.load(

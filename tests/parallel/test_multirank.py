@@ -27,6 +27,7 @@ def test_horovod_gradients_match_single_process(launcher):
     res = _ok_lines(run(launcher, 2, [WORKER, "--backend", "horovod"]), 2)
     assert all(r["size"] == 2 and r["backend"] == "horovod" for r in res.values())
     assert all(r["diff_vs_single_process"] < 1e-5 for r in res.values())
+    assert all(r["loss_scale"] == 16.0 for r in res.values())  # rank 0's GradScaler state reached every rank
 
 
 @pytest.mark.parametrize("flags", [["--accumulate", "2"], ["--fp16-allreduce"], ["--adasum"]])
@@ -38,6 +39,7 @@ def test_horovod_options(flags):
 def test_ddp_gradients_match_single_process():
     res = _ok_lines(run("mpirun", 2, [WORKER, "--backend", "ddp", "--accumulate", "2"]), 2)
     assert all(r["backend"] == "ddp" and r["diff_vs_single_process"] < 1e-5 for r in res.values())
+    assert all(r["loss_scale"] == 16.0 for r in res.values())
 
 
 def test_resnet_with_batchnorm_stays_identical_across_ranks():

@@ -65,7 +65,11 @@ def main():
     sampler = ShardedBatchSampler(len(x), r, n, cfg.data.batch_size, seed=7)
     trainer = Trainer(model, build_optimizer(model, cfg.optim), make_loader(Table(x, y), sampler, 0, rt.device),
                       None, rt, cfg)
+    # fp16 loss scaling needs a GPU, but its state travels like any other: give each rank a different
+    # scale (a CPU GradScaler); resume must leave every rank with rank 0's.
+    trainer.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** (4 + r))
     trainer.resume()  # resume="auto" finds nothing in a fresh dir: broadcasts rank 0's initial state
+    loss_scale, trainer.scaler = trainer.scaler.get_scale(), None
 
     ref = copy.deepcopy(rt.backend.unwrap(trainer.model))
     ref_opt = build_optimizer(ref, cfg.optim)
@@ -83,7 +87,8 @@ def main():
     mean = rt.backend.allreduce(mine.clone(), "mean")
     spread = (mine - mean).abs().max().item()
     assert spread == 0.0, f"rank {r}: parameters differ across ranks by {spread}"
-    out = {"rank": r, "size": n, "launcher": cluster.launcher, "backend": rt.backend.name, "spread": spread}
+    out = {"rank": r, "size": n, "launcher": cluster.launcher, "backend": rt.backend.name, "spread": spread,
+           "loss_scale": loss_scale}
     if a.model == "mlp" and not a.adasum:
         want = torch.cat([p.detach().flatten() for p in ref.parameters()])
         diff = (mine - want).abs().max().item()

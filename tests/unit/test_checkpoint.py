@@ -1,8 +1,10 @@
+import errno
 import pickle
 
 import pytest
 
-from hpctrain.checkpoint import CheckpointError, CheckpointManager
+from hpctrain.checkpoint import CheckpointError, CheckpointManager, os_reason
+from hpctrain.errors import CheckpointSaveError
 
 
 def _write(obj):
@@ -31,7 +33,8 @@ def test_failed_write_keeps_the_previous_checkpoint(tmp_path):
     def boom(f):
         f.write(b"partial")
         raise OSError("disk full")
-    with pytest.raises(OSError):
+    with pytest.raises(CheckpointSaveError, match="disk full; nothing was replaced, newest good checkpoint: "
+                                                  "ckpt-00000005.pt"):
         m.save(5, boom)
     assert _read(m.path_for(5)) == {"step": 5}
     assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
@@ -61,3 +64,45 @@ def test_all_corrupt_is_an_error_and_no_checkpoint_is_none(tmp_path):
     m.path_for(7).write_bytes(b"garbage")
     with pytest.raises(CheckpointError, match="ckpt-00000007.pt"):
         m.load_latest(_read)
+
+
+def test_os_reason_finds_the_os_error_behind_a_serializer_error():
+    try:
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0\nmore")
+    except RuntimeError as e:
+        assert os_reason(e) == "No space left on device (ENOSPC)"
+    assert os_reason(RuntimeError("first line\nsecond")) == "RuntimeError: first line"
+
+
+def test_unverified_newest_is_skipped_for_an_older_verified_one(tmp_path):
+    logs = []
+    m = CheckpointManager(tmp_path, keep=3, log=logs.append)
+    m.save(1, _write({"step": 1}))
+    newest = m.save(2, _write({"step": 2}))
+    newest.with_name(newest.name + ".sha256").unlink()
+    path, state = m.load_latest(_read)
+    assert state == {"step": 1}
+    assert len(logs) == 1 and "ckpt-00000002.pt has no checksum" in logs[0]
+    logs.clear()
+    assert m.load(newest, _read) == {"step": 2}  # named explicitly (--resume FILE): loaded, with a warning
+    assert len(logs) == 1 and "unverified" in logs[0]
+    m.path_for(1).with_name("ckpt-00000001.pt.sha256").unlink()
+    logs.clear()
+    assert m.load_latest(_read)[1] == {"step": 2}  # none verified: the newest, with a warning
+    assert len(logs) == 1 and "unverified" in logs[0]
+
+
+def test_stale_temp_files_are_removed_after_a_save(tmp_path):
+    m = CheckpointManager(tmp_path, keep=3, log=lambda *_: None)
+    stale = [tmp_path / ".ckpt-00000004.pt.k2j3h4.tmp", tmp_path / ".ckpt-00000004.pt.sha256.x8y.tmp"]
+    for p in stale:
+        p.write_bytes(b"x" * 1000)
+    other = tmp_path / ".notes.tmp"
+    other.write_text("not ours")
+    m.save(5, _write(5))
+    assert not any(p.exists() for p in stale) and other.exists()
+    stale[0].write_bytes(b"y")
+    assert m.remove_stale_temps() == [stale[0].name]

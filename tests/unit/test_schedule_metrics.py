@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from hpctrain.metrics import MetricsLogger
+from hpctrain.metrics import MetricsLogger, drop_records_after
 from hpctrain.schedule import lr_at, scaled_lr
 
 
@@ -44,7 +44,22 @@ def test_disabled_logger_writes_nothing(tmp_path):
     assert not (tmp_path / "r1").exists()
 
 
+def test_resume_drops_the_records_it_will_redo_and_a_torn_line(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    records = [{"kind": "train", "step": s} for s in (1, 2, 3, 4)] + [{"kind": "eval", "step": 4}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in records) + '{"kind": "train", "st')
+    assert drop_records_after(path, 2) == 4
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2]
+    assert drop_records_after(path, 2) == 0 and drop_records_after(tmp_path / "missing.jsonl", 0) == 0
+    logger = MetricsLogger(tmp_path, enabled=True, total_steps=10, progress="never", tensorboard=False,
+                           initial_step=1)
+    logger.log(2, "train", {"loss": 1.0})
+    logger.close()
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2]
+
+
 def test_framework_neutral_modules_do_not_import_torch():
     code = ("import sys, hpctrain.cluster, hpctrain.config, hpctrain.checkpoint, hpctrain.metrics, "
-            "hpctrain.schedule, hpctrain.data.sharding; assert 'torch' not in sys.modules, 'torch imported'")
+            "hpctrain.schedule, hpctrain.data.sharding, hpctrain.errors, hpctrain.runlock, hpctrain.cli; "
+            "assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
