@@ -1,7 +1,8 @@
 """What every entry point shares: the run from parsed flags to exit code, and the one-line error path.
 
-    detect the launcher -> parse the config -> announce -> preemption handler -> build(cfg, cluster)
-    -> train -> report -> close (every rank waits for rank 0) -> exit 0, or 85 after an agreed stop
+    detect the launcher -> parse the config -> announce -> preemption handler -> hang watchdog
+    -> build(cfg, cluster) -> train -> report -> close (every rank waits for rank 0)
+    -> exit 0, or 85 after an agreed stop
 
 Any `ExitError` (bad input: exit 2; failed checkpoint save: 87; non-finite loss: 88) becomes one
 line on stderr, printed by rank 0 only (see `report_error`).
@@ -14,7 +15,7 @@ import sys
 import time
 from typing import Callable
 
-from hpctrain import preempt, runlock
+from hpctrain import preempt, runlock, watchdog
 from hpctrain.cluster import ClusterEnv, detect
 from hpctrain.config import parse
 from hpctrain.errors import EXIT_PREEMPTED, ExitError
@@ -66,12 +67,15 @@ def run(prog: str, argv: list[str] | None, build: Callable, config_cls=None,
             print(f"{prog}: {cluster.launcher} launcher, {cluster.size} rank(s) on {cluster.num_nodes} node(s)")
             print(f"{prog}: config {json.dumps(cfg.to_dict(), sort_keys=True)}")
         preemption = preempt.Preemption().install()  # from here SIGUSR1/SIGTERM only set a flag
+        watchdog.start(cfg.run.hang_timeout, cfg.run.run_dir, cluster.rank, cluster.node_name)
         trainer = build(cfg, cluster)
         result = trainer.train(preemption)
-        if after is not None and "stopped_by_signal" not in result:
-            after(trainer, cfg, result)
-        code = report(prog, cluster, trainer.step, result)
-        trainer.close()  # every rank waits here until rank 0 has written and reported everything
+        with watchdog.phase("finish"):
+            if after is not None and "stopped_by_signal" not in result:
+                after(trainer, cfg, result)
+            code = report(prog, cluster, trainer.step, result)
+            trainer.close()  # every rank waits here until rank 0 has written and reported everything
+        watchdog.stop()
         return code
     except ExitError as e:
         return report_error(prog, e, rank)

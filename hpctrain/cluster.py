@@ -33,6 +33,7 @@ class ClusterEnv:
     master_port: int | None = None
     job_id: str | None = None
     restart_count: int = 0  # Slurm requeue count: > 0 means this job was restarted
+    node_name: str = ""  # Slurm's name of this node (SLURMD_NODENAME), else the host name: what a report blames
 
     @property
     def is_root(self) -> bool:
@@ -201,7 +202,8 @@ def detect(env: Mapping[str, str] | None = None) -> ClusterEnv:
     env_obj = ClusterEnv(rank=rank, local_rank=local_rank, size=size, local_size=local_size,
                          node_rank=node_rank, launcher=launcher, hostname=socket.gethostname(),
                          master_addr=extra.get("master_addr"), master_port=extra.get("master_port"),
-                         job_id=extra.get("job_id"), restart_count=extra.get("restart_count", 0))
+                         job_id=extra.get("job_id"), restart_count=extra.get("restart_count", 0),
+                         node_name=env.get("SLURMD_NODENAME") or socket.gethostname())
     validate(env_obj)
     return env_obj
 

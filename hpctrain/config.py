@@ -49,6 +49,9 @@ class RunConfig:
                         choices=["auto", "always", "never"])
     tensorboard: bool = opt(True, "write TensorBoard event files to run_dir/tb")
     deterministic: bool = opt(False, "use deterministic kernels (slower; exact resume equality)")
+    hang_timeout: float = opt(300.0, "seconds without training progress before a rank writes its stacks to "
+                                     "run_dir/hang-<rank>.txt and exits 86 (at least 3x the slowest step; "
+                                     "start-up, checkpoint writes and profiling get 6x; 0 = off)", minimum=0.0)
     preempt_check_every: int = opt(10, "every N steps the ranks agree (one allreduce) whether SIGUSR1/SIGTERM "
                                        "arrived; then all save and exit 85 for a requeue", minimum=1)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 EXIT_USER_ERROR = 2       # bad input: a flag, a file, a directory, a launcher setup
 EXIT_PREEMPTED = 85       # stopped on a signal after a checkpoint was saved: requeue to resume
+EXIT_HANG = 86            # the hang watchdog fired: no training progress for --hang-timeout seconds
 EXIT_SAVE_FAILED = 87     # a checkpoint could not be written (full disk, I/O error): do not requeue blindly
 EXIT_NONFINITE = 88       # the loss or the weights became NaN/inf: nothing of them was saved
 

@@ -6,7 +6,10 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
+
+import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -55,3 +58,50 @@ def metrics(run_dir: Path, kind: str) -> list[dict]:
     """Records of one kind (train, eval, epoch) from a run's metrics.jsonl, in file order."""
     lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
     return [r for r in map(json.loads, lines) if r["kind"] == kind]
+
+
+def start(np: int, args: list[str], wrap: str | None = None, launcher: str = "mpirun") -> subprocess.Popen:
+    """Start a job without waiting; `wrap` is a bash snippet each rank runs its command through ("$@")."""
+    cmd = command(launcher, np, args)
+    if wrap:  # mpirun -np N bash -c WRAP _ python ARGS
+        at = cmd.index(args[0]) - 1
+        cmd[at:at] = ["bash", "-c", wrap, "_"]
+    return subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def wait_for(predicate, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def trained(run_dir: Path, steps: int) -> bool:
+    try:
+        return len(metrics(run_dir, "train")) >= steps
+    except (FileNotFoundError, ValueError):
+        return False
+
+
+def signal_ranks(job: subprocess.Popen, sig: int, module: str = "hpctrain.", rank: int | None = None) -> int:
+    """Send `sig` to the job's Python rank processes (only to `rank` if given); returns how many."""
+    ranks = [p for p in psutil.Process(job.pid).children(recursive=True)
+             if any(module in part for part in p.cmdline()) and p.name().startswith("python")]
+    if rank is not None:
+        ranks = [p for p in ranks if p.environ().get("OMPI_COMM_WORLD_RANK", p.environ().get("HOROVOD_RANK"))
+                 == str(rank)]
+    for p in ranks:
+        p.send_signal(sig)
+    return len(ranks)
+
+
+def finish(job: subprocess.Popen, timeout: float = 240) -> str:
+    try:
+        out, _ = job.communicate(timeout=timeout)
+    finally:
+        if job.poll() is None:
+            job.kill()
+            job.wait()
+    return out

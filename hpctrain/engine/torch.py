@@ -8,6 +8,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from hpctrain import watchdog
 from hpctrain.backends import build_backend
 from hpctrain.checkpoint import CheckpointManager
 from hpctrain.cluster import ClusterEnv, threads_per_rank, visible_gpu_index
@@ -56,6 +58,8 @@ def setup(cfg: TrainConfig, cluster: ClusterEnv) -> Runtime:
     if cfg.run.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
+    for name, value in watchdog.launcher_defaults(cfg.run.hang_timeout).items():
+        os.environ.setdefault(name, value)  # read by Horovod / NCCL at init; the user's own settings win
     stages = cfg.pipeline.stages
     if stages > 1:
         from hpctrain.backends.pipeline import PipelineBackend
@@ -255,6 +259,7 @@ class Trainer:
             for _ in range(offset, self.steps_per_epoch):
                 micro = [next(batches) for _ in range(self.accumulate)]
                 window += self.train_step(micro)
+                watchdog.beat(self.step)
                 window_steps += 1
                 epoch_rate.update(per_step)
                 self.logger.advance()
@@ -305,6 +310,7 @@ class Trainer:
         stats = torch.zeros(3, dtype=torch.float64, device=self.device)
         for batch in self.val_loader:
             stats += self.eval_batch(to_device(batch, self.device))
+            watchdog.beat()
         total = self.backend.allreduce(stats, "sum").tolist()
         metrics = {"val_loss": total[0] / max(1.0, total[2]), "val_top1": total[1] / max(1.0, total[2]),
                    "val_samples": int(total[2])}
@@ -330,8 +336,9 @@ class Trainer:
         self.step = int(state["step"])
 
     def save(self) -> None:
-        self.sync_buffers()  # collective: every rank takes part, only rank 0 writes
-        self.write_checkpoint(self.state_dict() if self.cluster.rank == 0 else None)
+        with watchdog.phase("checkpoint"):  # the other ranks wait in a collective meanwhile: not hung
+            self.sync_buffers()  # collective: every rank takes part, only rank 0 writes
+            self.write_checkpoint(self.state_dict() if self.cluster.rank == 0 else None)
 
     def write_checkpoint(self, state: dict | None) -> None:
         """Rank 0 writes `state` (the others pass None); then one broadcast tells every rank the outcome.
@@ -354,6 +361,10 @@ class Trainer:
 
     def resume(self) -> int:
         """Rank 0 reads the newest good checkpoint (or --resume FILE); its state goes to every rank."""
+        with watchdog.phase("resume"):
+            return self._resume()
+
+    def _resume(self) -> int:
         mode = self.cfg.run.resume
         found = None
         if self.cluster.rank == 0:

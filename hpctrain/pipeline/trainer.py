@@ -13,6 +13,7 @@ import torch
 from mpi4py import MPI
 from torch import nn
 
+from hpctrain import watchdog
 from hpctrain.checkpoint import CheckpointError
 from hpctrain.engine.torch import Classification, Trainer, build_optimizer, to_device
 from hpctrain.pipeline.partition import PartitionError, Plan, partition
@@ -98,7 +99,8 @@ class PipelineTrainer(Trainer):
         sample = to_device(next(iter(train_loader)), runtime.device)
         log = print if runtime.cluster.rank == 0 else (lambda *_: None)
         model.to(runtime.device)  # profiled where it will run; blocks of other stages go back to the CPU below
-        self.plan = make_plan(blocks, task, sample, grid, cfg, runtime.device, autocast, log)
+        with watchdog.phase("pipeline profiling"):
+            self.plan = make_plan(blocks, task, sample, grid, cfg, runtime.device, autocast, log)
         a, b = self.plan.stages[grid.stage]
         if runtime.device.type != "cpu":
             model.cpu()
@@ -170,10 +172,11 @@ class PipelineTrainer(Trainer):
                 "pipeline": {"plan": self.plan.to_dict(), "optimizers": [q["optimizer"] for q in parts]}}
 
     def save(self) -> None:
-        self.sync_buffers()
-        self.write_checkpoint(self._gather())  # gather: collective; rank 0 writes, every rank learns the outcome
+        with watchdog.phase("checkpoint"):
+            self.sync_buffers()
+            self.write_checkpoint(self._gather())  # gather: collective; rank 0 writes, every rank learns the outcome
 
-    def resume(self) -> int:
+    def _resume(self) -> int:
         mode, state, where = self.cfg.run.resume, None, None
         if self.cluster.rank == 0:
             self.remove_stale_temps()

@@ -5,15 +5,13 @@ import json
 import os
 import signal
 import subprocess
-import time
 from pathlib import Path
 
-import psutil
 import pytest
 import torch
 
 from hpctrain.errors import EXIT_NONFINITE, EXIT_PREEMPTED, EXIT_SAVE_FAILED, EXIT_USER_ERROR
-from tests.launch import ROOT, check_ok, command, env, metrics, run
+from tests.launch import ROOT, check_ok, command, env, finish, metrics, run, signal_ranks, start, trained, wait_for
 
 TINY = ["-m", "hpctrain.resnet", "--config", "configs/tiny.toml"]
 # Rank 0 runs under strace, which holds every fsync() for 2.5 s: a checkpoint on a slow cluster file
@@ -21,48 +19,6 @@ TINY = ["-m", "hpctrain.resnet", "--config", "configs/tiny.toml"]
 # checkpoint was lost while the job still said "saved, requeue me".
 SLOW_FSYNC = ("if [ \"$OMPI_COMM_WORLD_RANK\" = 0 ]; then exec strace -f -qq -o /dev/null -e trace=fsync "
               "-e inject=fsync:delay_exit=2500000 \"$@\"; else exec \"$@\"; fi")
-
-
-def _start(np: int, args: list[str], wrap: str | None = None) -> subprocess.Popen:
-    cmd = command("mpirun", np, args)
-    if wrap:  # mpirun -np N bash -c WRAP _ python ARGS
-        at = cmd.index(args[0]) - 1
-        cmd[at:at] = ["bash", "-c", wrap, "_"]
-    return subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
-def _wait_for(predicate, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.2)
-    return False
-
-
-def _trained(run_dir: Path, steps: int) -> bool:
-    try:
-        return len(metrics(run_dir, "train")) >= steps
-    except (FileNotFoundError, ValueError):
-        return False
-
-
-def _signal_ranks(job: subprocess.Popen, sig: int, module: str = "hpctrain.") -> int:
-    ranks = [p for p in psutil.Process(job.pid).children(recursive=True)
-             if any(module in part for part in p.cmdline()) and p.name().startswith("python")]
-    for p in ranks:
-        p.send_signal(sig)
-    return len(ranks)
-
-
-def _finish(job: subprocess.Popen, timeout: float = 240) -> str:
-    try:
-        out, _ = job.communicate(timeout=timeout)
-    finally:
-        if job.poll() is None:
-            job.kill()
-            job.wait()
-    return out
 
 
 def _verified(path: Path) -> bool:
@@ -77,10 +33,10 @@ def test_slow_checkpoint_survives_the_agreed_stop(tmp_path, mode, attempt):
             "--eval-every-epoch", "false"]
     if mode == "pipeline":
         args += ["--pipeline-stages", "2", "--micro-batches", "2", "--partition", "uniform", "--batch-size", "4"]
-    job = _start(2, args, wrap=SLOW_FSYNC)
-    assert _wait_for(lambda: _trained(run_dir, 2), 180), _finish(job, 5)[-3000:]
-    assert _signal_ranks(job, signal.SIGUSR1) == 2
-    out = _finish(job)
+    job = start(2, args, wrap=SLOW_FSYNC)
+    assert wait_for(lambda: trained(run_dir, 2), 180), finish(job, 5)[-3000:]
+    assert signal_ranks(job, signal.SIGUSR1) == 2
+    out = finish(job)
     assert job.returncode == EXIT_PREEMPTED, out[-3000:]
     stopped = metrics(run_dir, "train")[-1]["step"]
     ckpt = run_dir / "checkpoints" / f"ckpt-{stopped:08d}.pt"
@@ -112,13 +68,13 @@ def test_full_disk_during_checkpoint_one_line_and_nothing_replaced(tmp_path):
 
 def test_second_run_into_the_same_dir_is_refused_and_the_first_is_untouched(tmp_path):
     run_dir = tmp_path / "run"
-    first = _start(2, [*TINY, "--run-dir", str(run_dir), "--synthetic-size", "480", "--checkpoint-every", "10"])
+    first = start(2, [*TINY, "--run-dir", str(run_dir), "--synthetic-size", "480", "--checkpoint-every", "10"])
     try:
-        assert _wait_for(lambda: _trained(run_dir, 1), 180)
+        assert wait_for(lambda: trained(run_dir, 1), 180)
         holder = json.loads((run_dir / ".hpctrain.lock").read_text())
         second = run("mpirun", 2, [*TINY, "--run-dir", str(run_dir), "--seed", "2"])
     finally:
-        out = _finish(first)
+        out = finish(first)
     assert second.returncode == EXIT_USER_ERROR, second.stdout[-2000:] + second.stderr[-2000:]
     errors = [line for line in second.stderr.splitlines() if "error" in line]
     assert len(errors) == 1 and f"run dir {run_dir} is in use" in errors[0], second.stderr[-2000:]
@@ -127,10 +83,10 @@ def test_second_run_into_the_same_dir_is_refused_and_the_first_is_untouched(tmp_
     assert [r["step"] for r in metrics(run_dir, "train")] == list(range(1, 31))  # no record doubled
     assert not (run_dir / ".hpctrain.lock").exists()  # released at the end
     # A lock left by a killed run is taken over, with a note.
-    again = _start(1, [*TINY, "--backend", "none", "--run-dir", str(tmp_path / "k"), "--synthetic-size", "4096"])
-    assert _wait_for(lambda: _trained(tmp_path / "k", 1), 180)
-    _signal_ranks(again, signal.SIGKILL)
-    _finish(again)
+    again = start(1, [*TINY, "--backend", "none", "--run-dir", str(tmp_path / "k"), "--synthetic-size", "4096"])
+    assert wait_for(lambda: trained(tmp_path / "k", 1), 180)
+    signal_ranks(again, signal.SIGKILL)
+    finish(again)
     out = check_ok(run("single", 1, [*TINY, "--backend", "none", "--run-dir", str(tmp_path / "k"), "--max-steps", "1",
                                      "--resume", "never"]))
     assert "taking over stale lock" in out
@@ -148,7 +104,7 @@ def test_diverging_loss_stops_with_one_line_and_saves_nothing(tmp_path):
         assert all(torch.isfinite(t).all() for t in state.values() if t.is_floating_point()), ckpt
 
 
-def test_interrupted_save_temp_files_are_removed_at_start(tmp_path):
+def test_interrupted_save_temp_files_are_removed_atstart(tmp_path):
     run_dir = tmp_path / "run"
     (run_dir / "checkpoints").mkdir(parents=True)
     stale = run_dir / "checkpoints" / ".ckpt-00000004.pt.x1y2z3.tmp"
@@ -164,9 +120,9 @@ def test_stop_on_the_last_step_of_an_epoch_still_evaluates(tmp_path):
     args = [*TINY, "--backend", "none", "--run-dir", str(run_dir), "--epochs", "3", "--preempt-check-every", "8"]
     job = subprocess.Popen(command("single", 1, args), cwd=ROOT, env=env(), stdout=subprocess.PIPE,
                            stderr=subprocess.STDOUT, text=True)
-    assert _wait_for(lambda: _trained(run_dir, 1), 120)
+    assert wait_for(lambda: trained(run_dir, 1), 120)
     job.send_signal(signal.SIGUSR1)
-    out = _finish(job)
+    out = finish(job)
     assert job.returncode == EXIT_PREEMPTED, out[-2000:]
     stopped = metrics(run_dir, "train")[-1]["step"]
     assert stopped in (8, 16), out[-2000:]  # 16 when the signal came after step 8: also an epoch's last step

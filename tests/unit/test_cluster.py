@@ -110,7 +110,11 @@ def test_torchrun():
 def test_single():
     c = detect({})
     assert c == ClusterEnv(rank=0, local_rank=0, size=1, local_size=1, node_rank=0, launcher="single",
-                           hostname=c.hostname)
+                           hostname=c.hostname, node_name=c.hostname)
+
+
+def test_node_name_is_slurms_name_for_the_node():
+    assert detect({"SLURMD_NODENAME": "gpu017"}).node_name == "gpu017"  # what a hang report blames
 
 
 @pytest.mark.parametrize("env, words", [
