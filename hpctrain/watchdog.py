@@ -14,7 +14,8 @@ Limits: `timeout` between beats, but at least 3x the slowest step seen (a big mo
 slow); `PHASE_FACTOR` x that before the first step is timed and inside a `phase()` (start-up until the
 first step, resume, checkpoint write and its collective, the pipeline profiler, the final export),
 since one long blocking call (torch.save of a large model to a slow file system) cannot beat.
-Blocking MPI and Horovod calls release the GIL, so this thread runs while the main thread waits in them.
+Blocking MPI and Horovod calls release the GIL, so this thread runs while the main thread waits in them;
+for calls that do not (mpi4py's pickled allreduce), faulthandler's C-level timer is the backstop.
 
 Framework-neutral and process-global (one watchdog per rank): the engine calls `beat()` and
 `phase()` without plumbing; both are no-ops when the watchdog is off.
@@ -34,6 +35,7 @@ from hpctrain.errors import EXIT_HANG
 
 PHASE_FACTOR = 6      # a phase may take this many timeouts (300 s -> 30 min for a checkpoint write)
 STEP_MULTIPLE = 3     # the limit between beats is at least this many times the slowest step
+BACKSTOP_MARGIN = 2.0  # the C-level backstop fires at this many limits, if our thread never got to run
 
 
 class Watchdog:
@@ -47,6 +49,7 @@ class Watchdog:
         self.counting = False  # the last beat was a step boundary with no phase since: time the next step
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="hpctrain-watchdog", daemon=True)
+        self._armed = (0.0, 0.0)  # (when, limit) the backstop was last armed
 
     def limit(self) -> float:
         base = max(self.timeout, STEP_MULTIPLE * self.slowest)
@@ -62,24 +65,38 @@ class Watchdog:
                 self.slowest = max(self.slowest, now - self.last)
             self.step, self.counting = step, True
         self.last = now
+        if now - self._armed[0] > self.timeout / 4 or self.limit() != self._armed[1]:
+            self._arm(now)
+
+    def _arm(self, now: float) -> None:
+        """Backstop for a main thread that holds the GIL while it waits (mpi4py's pickled allreduce does),
+        so our thread cannot run: faulthandler's C thread dumps the stacks to stderr and exits 1. Re-armed
+        every timeout/4 at most, since each call starts a thread."""
+        limit = self.limit()
+        faulthandler.dump_traceback_later(BACKSTOP_MARGIN * limit + self.timeout / 4, exit=True)
+        self._armed = (now, limit)
 
     @contextlib.contextmanager
     def phase(self, name: str):
         self.phases.append(name)
         self.last, self.counting = time.monotonic(), False
+        self._arm(self.last)
         try:
             yield
         finally:
             self.phases.remove(name)
             self.last, self.counting = time.monotonic(), False
+            self._arm(self.last)
 
     def start(self) -> "Watchdog":
         self.phases.append("start-up")  # until the first step boundary
+        self._arm(time.monotonic())
         self._thread.start()
         return self
 
     def stop(self) -> None:
         self._stop.set()
+        faulthandler.cancel_dump_traceback_later()
 
     def _watch(self) -> None:
         poll = min(5.0, max(0.1, self.timeout / 20))

@@ -106,3 +106,15 @@ def test_hang_timeout_zero_is_off_and_negative_is_refused(tmp_path):
     assert "done at step 2" in out
     p = run("single", 1, [*TINY, "--backend", "none", "--hang-timeout", "-1"])
     assert p.returncode == 2 and "run.hang_timeout (--hang-timeout): -1.0 is below the minimum 0.0" in p.stderr
+
+
+def test_backstop_fires_when_the_main_thread_holds_the_gil(tmp_path):
+    # A main thread stuck in C code that holds the GIL (here: a regex with catastrophic backtracking)
+    # starves our watchdog thread; faulthandler's C thread still dumps the stacks and ends the process.
+    code = WATCHDOG.format(timeout=0.5, body="watchdog.beat(1)\nimport re\nre.match(r'(a+)+$', 'a' * 40 + 'b')")
+    began = time.monotonic()
+    p = subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=ROOT, env=env(), capture_output=True,
+                       text=True, timeout=120)
+    assert p.returncode != 0 and "survived" not in p.stdout
+    assert "Timeout" in p.stderr and "most recent call first" in p.stderr, p.stderr[-2000:]
+    assert time.monotonic() - began < 30
