@@ -34,6 +34,7 @@ class ClusterEnv:
     job_id: str | None = None
     restart_count: int = 0  # Slurm requeue count: > 0 means this job was restarted
     node_name: str = ""  # Slurm's name of this node (SLURMD_NODENAME), else the host name: what a report blames
+    step_id: int | None = None  # Slurm job step: a relaunch in the same allocation gets a new one
 
     @property
     def is_root(self) -> bool:
@@ -203,9 +204,16 @@ def detect(env: Mapping[str, str] | None = None) -> ClusterEnv:
                          node_rank=node_rank, launcher=launcher, hostname=socket.gethostname(),
                          master_addr=extra.get("master_addr"), master_port=extra.get("master_port"),
                          job_id=extra.get("job_id"), restart_count=extra.get("restart_count", 0),
-                         node_name=env.get("SLURMD_NODENAME") or socket.gethostname())
+                         node_name=env.get("SLURMD_NODENAME") or socket.gethostname(),
+                         step_id=_step_id(env))
     validate(env_obj)
     return env_obj
+
+
+def _step_id(env: Mapping[str, str]) -> int | None:
+    """The Slurm step number; None outside a step or for the batch/extern steps' non-numeric ids."""
+    value = env.get("SLURM_STEP_ID", env.get("SLURM_STEPID", ""))
+    return int(value) if value.isdigit() else None
 
 
 def validate(c: ClusterEnv) -> None:

@@ -15,8 +15,8 @@ one creator wins. Whether an existing lock is stale is decided from its content 
   not mistaken for the holder), pid namespace, Slurm job id, a random token and the start time. It is
   written and fsynced through the O_EXCL descriptor.
 - While held, a daemon thread touches the file's mtime every `heartbeat` seconds.
-- A holder with our Slurm job id and a lower restart count is the run before a requeue: Slurm has ended
-  it. A holder on this host (same host name and pid namespace) is stale when its pid is not running or now
+- A holder with our Slurm job id and a lower (restart count, step id) is the run before a requeue, or the
+  step before a relaunch in the same allocation: it has ended. A holder on this host (same host name and pid namespace) is stale when its pid is not running or now
   belongs to another process. Any other holder is stale when the mtime is older than `stale_after`
   seconds (so node and file-server clocks must agree to well within `stale_after`). An unreadable file
   (its holder died between create and write) is stale once `UNREADABLE_GRACE_S` old; before that it
@@ -123,11 +123,13 @@ class RunLock:
     """Exclusive lock on `run_dir` for one run: `acquire()` ... `release()`, or `with RunLock(d):`."""
 
     def __init__(self, run_dir, job_id: str | None = None, stale_after: float = 120.0,
-                 heartbeat: float = 15.0, log: Callable[[str], object] = print, restart: int = 0):
+                 heartbeat: float = 15.0, log: Callable[[str], object] = print, restart: int = 0,
+                 step: int | None = None):
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / LOCK_NAME
         self.job_id, self.stale_after, self.heartbeat, self.log = job_id, stale_after, heartbeat, log
         self.restart = restart  # Slurm's SLURM_RESTART_COUNT: which incarnation of a requeued job we are
+        self.step = step  # Slurm's job step: a relaunch in the same allocation comes with a higher one
         self.host = socket.gethostname()
         self._fd: int | None = None
         self._token: str | None = None
@@ -195,7 +197,7 @@ class RunLock:
         token = secrets.token_hex(16)
         pid = os.getpid()
         record = {"host": self.host, "pid": pid, "pid_start": process_start_time(pid), "pid_ns": _pid_namespace(),
-                  "job_id": self.job_id, "restart": self.restart, "token": token, "started": time.time()}
+                  "job_id": self.job_id, "restart": self.restart, "step": self.step, "token": token, "started": time.time()}
         try:
             data = json.dumps(record).encode()
             while data:
@@ -227,10 +229,14 @@ class RunLock:
         if holder is None:
             return f"lock file unreadable and unchanged for {age:.0f} s" if age > UNREADABLE_GRACE_S else None
         pid = holder["pid"]
-        if self.job_id and holder.get("job_id") == self.job_id and (holder.get("restart") or 0) < self.restart:
-            # Slurm starts a requeued job only after its previous run has ended, on whichever nodes: the
-            # holder is that run (killed before it could remove the file), wherever it ran.
-            return f"an earlier run of Slurm job {self.job_id} (this is restart {self.restart})"
+        if self.job_id and holder.get("job_id") == self.job_id:
+            # Slurm starts a requeued job only after its previous run has ended, and the batch script
+            # relaunches a failed step only after it has ended: the holder is that run or step (killed
+            # before it could remove the file), whichever node it ran on.
+            theirs = (holder.get("restart") or 0, holder.get("step") if holder.get("step") is not None else -1)
+            ours = (self.restart, self.step if self.step is not None else -1)
+            if theirs < ours:
+                return f"an earlier run of Slurm job {self.job_id} (restart {theirs[0]}, step {theirs[1]})"
         if self._on_this_host(holder):
             if not _pid_alive(pid):
                 return f"pid {pid} is not running"

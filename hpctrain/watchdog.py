@@ -100,16 +100,19 @@ class Watchdog:
 
     def _watch(self) -> None:
         poll = min(5.0, max(0.1, self.timeout / 20))
-        woke = time.monotonic()
+        woke, cpu = time.monotonic(), time.process_time()
         while not self._stop.wait(poll):
-            now = time.monotonic()
-            gap, woke = now - woke, now
-            if gap > 2 * poll + 2.0:
-                # This whole process was stopped (SIGSTOP, a frozen VM): the hang was ours, and the
-                # healthy ranks report it. Do not blame the others for our own pause; say we were frozen.
+            now, now_cpu = time.monotonic(), time.process_time()
+            gap, used = now - woke, now_cpu - cpu
+            woke, cpu = now, now_cpu
+            if gap > 2 * poll + 2.0 and used < 0.05 * gap:
+                # Late and no CPU time used meanwhile: this whole process was stopped (SIGSTOP, a frozen
+                # VM), not merely kept from the GIL by a busy main thread. The hang was ours and the
+                # healthy ranks report it: do not count our own pause, say we were stopped.
                 self.last += gap
+                when = f"after step {self.step}" if self.step is not None else "before its first step"
                 sys.stderr.write(f"hpctrain: rank {self.rank} on node {self.node}: this process was stopped for "
-                                 f"{gap:.0f} s after step {self.step} (not counted as a hang here)\n")
+                                 f"{gap:.0f} s {when} (not counted as a hang here)\n")
                 sys.stderr.flush()
             elif now - self.last > self.limit():
                 self._fire(now - self.last)

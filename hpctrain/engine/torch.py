@@ -81,7 +81,8 @@ def lock_run_dir(run_dir: str, rt: Runtime) -> RunLock | None:
     lock, error = None, None
     if rt.cluster.rank == 0:
         try:
-            lock = RunLock(run_dir, job_id=rt.cluster.job_id, restart=rt.cluster.restart_count).acquire()
+            lock = RunLock(run_dir, job_id=rt.cluster.job_id, restart=rt.cluster.restart_count,
+                           step=rt.cluster.step_id).acquire()
             atexit.register(lock.release)
         except RunLockError as e:
             error = str(e)

@@ -110,11 +110,12 @@ def test_torchrun():
 def test_single():
     c = detect({})
     assert c == ClusterEnv(rank=0, local_rank=0, size=1, local_size=1, node_rank=0, launcher="single",
-                           hostname=c.hostname, node_name=c.hostname)
+                           hostname=c.hostname, node_name=c.hostname, step_id=None)
 
 
 def test_node_name_is_slurms_name_for_the_node():
     assert detect({"SLURMD_NODENAME": "gpu017"}).node_name == "gpu017"  # what a hang report blames
+    assert detect({"SLURM_STEP_ID": "batch"}).step_id is None
 
 
 @pytest.mark.parametrize("env, words", [

@@ -159,6 +159,16 @@ def test_lock_of_the_run_before_a_requeue_is_taken_over_at_once(tmp_path):
     assert len(logs) == 1 and "an earlier run of Slurm job 777" in logs[0]
 
 
+def test_lock_of_the_step_before_a_relaunch_in_the_allocation_is_taken_over(tmp_path):
+    _write_lock(tmp_path, host="node-gone-17", pid=12345, job_id="777", restart=0, step=0)
+    with pytest.raises(RunLockError, match="Slurm job 777"):  # the same step: a live rank 0 elsewhere
+        RunLock(tmp_path, job_id="777", restart=0, step=0).acquire()
+    logs = []
+    with RunLock(tmp_path, job_id="777", restart=0, step=1, log=logs.append):
+        pass
+    assert len(logs) == 1 and "restart 0, step 0" in logs[0]
+
+
 def test_unreadable_lock_counts_as_held_while_fresh_and_stale_when_old(tmp_path):
     path = tmp_path / LOCK_NAME
     path.write_text('{"host": "no')  # its writer died between create and write
