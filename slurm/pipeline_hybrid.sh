@@ -35,8 +35,9 @@
 # transfer crosses the network. With T a multiple of D a node holds T/D whole stages and the transfers
 # between those stay on the node, while the allreduce goes across nodes. The default (4 nodes x 1 rank,
 # P=2) is stage 0 on nodes 1-2 and stage 1 on nodes 3-4; with 4 GPUs per node, 16 ranks, D=8.
-# USR1, SIGTERM, exit 85 and requeue as in resnet_8node.sh. Pipeline mode calls mpi4py (MPI_COMM_WORLD)
-# directly: srun must start the ranks as one MPI job (HPCTRAIN_SRUN_MPI, pmix for Open MPI). See docs/slurm.md.
+# USR1, SIGTERM, exit 85, requeue and in-job restarts (hpctrain_step) as in resnet_8node.sh. Pipeline mode
+# calls mpi4py (MPI_COMM_WORLD) directly: srun must start the ranks as one MPI job (HPCTRAIN_SRUN_MPI, pmix
+# for Open MPI). See docs/slurm.md.
 
 # sbatch runs a copy of this file from its spool directory, so the repository comes from a variable.
 HPCTRAIN_ROOT=${HPCTRAIN_ROOT:-${SLURM_SUBMIT_DIR:-$PWD}}
@@ -60,12 +61,8 @@ RUN_DIR=${RUN_DIR:-${SLURM_SUBMIT_DIR:-$HPCTRAIN_ROOT}/runs/pipeline-$HPCTRAIN_J
 [[ $MODEL =~ ^(resnet|bert)$ ]] || { hpctrain_error "MODEL='$MODEL' is not allowed (allowed: resnet, bert)"; exit 2; }
 [[ $PIPELINE_STAGES =~ ^[1-9][0-9]*$ ]] \
   || { hpctrain_error "PIPELINE_STAGES='$PIPELINE_STAGES' is not a positive integer"; exit 2; }
-# The ranks srun will start: env.sh's one rank per GPU in GPU mode, else the job's tasks.
-if [ "$HPCTRAIN_GPUS_PER_NODE" -gt 0 ]; then
-  HPCTRAIN_WORLD=$(( ${SLURM_JOB_NUM_NODES:-1} * HPCTRAIN_GPUS_PER_NODE ))
-else
-  HPCTRAIN_WORLD=${SLURM_NTASKS:-}
-fi
+# The ranks srun will start (env.sh): one per GPU in GPU mode, else the job's tasks, without spare nodes.
+HPCTRAIN_WORLD=$HPCTRAIN_STEP_TASKS
 [[ $HPCTRAIN_WORLD =~ ^[1-9][0-9]*$ ]] \
   || { hpctrain_error "no task count (SLURM_NTASKS='${SLURM_NTASKS:-}'): run this script with sbatch"; exit 2; }
 if (( HPCTRAIN_WORLD % PIPELINE_STAGES != 0 )); then
@@ -74,7 +71,6 @@ if (( HPCTRAIN_WORLD % PIPELINE_STAGES != 0 )); then
 fi
 echo "hpctrain: pipeline $PIPELINE_STAGES stage(s) x $(( HPCTRAIN_WORLD / PIPELINE_STAGES )) replica(s) = $HPCTRAIN_WORLD ranks, run dir $RUN_DIR"
 
-srun "${HPCTRAIN_SRUN_ARGS[@]}" "${HPCTRAIN_EXEC[@]}" -m "hpctrain.$MODEL" --run-dir "$RUN_DIR" \
+hpctrain_step -m "hpctrain.$MODEL" --run-dir "$RUN_DIR" \
   --pipeline-stages "$PIPELINE_STAGES" --micro-batches "$MICRO_BATCHES" --schedule "$SCHEDULE" \
-  --partition "$PIPELINE_PARTITION" "$@" &
-hpctrain_supervise $!
+  --partition "$PIPELINE_PARTITION" "$@"

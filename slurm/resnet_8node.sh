@@ -14,6 +14,9 @@
 # --exclusive: whole nodes. Ranks: one per GPU, or --ntasks-per-node per node when the site has no GPUs.
 # USR1 (300 s before the time limit): the ranks save a checkpoint and exit 85, the job requeues itself
 # and the restarted job resumes from that checkpoint. SIGTERM (scancel): they save, and the job ends.
+# A rank that dies ends the step at once (srun --kill-on-bad-exit); the step is then relaunched in the same
+# allocation (HPCTRAIN_MAX_RESTARTS, default 2; HPCTRAIN_SPARE_NODES idle nodes can replace a blamed one)
+# and resumes from the newest checkpoint. hpctrain_step (slurm/env.sh) runs srun and does all of this.
 # --open-mode=append keeps the output of every restart in one file. See docs/slurm.md.
 
 # sbatch runs a copy of this file from its spool directory, so the repository comes from a variable.
@@ -25,5 +28,4 @@ fi
 source "$HPCTRAIN_ROOT/slurm/env.sh" || exit 2
 cd "$HPCTRAIN_ROOT" || exit 2
 
-srun "${HPCTRAIN_SRUN_ARGS[@]}" "${HPCTRAIN_EXEC[@]}" -m hpctrain.resnet "$@" &
-hpctrain_supervise $!
+hpctrain_step -m hpctrain.resnet "$@"

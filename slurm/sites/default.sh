@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Generic site: no account or partition request, no modules, CPU mode (no GPU request), no container,
 # Open MPI/PMIx via `srun --mpi=pmix`, python3 from PATH. Copy this file to slurm/sites/<yours>.sh
 # and select it with HPCTRAIN_SITE=<yours>. Values already in the environment win.
@@ -8,3 +9,5 @@ HPCTRAIN_GPUS_PER_NODE=${HPCTRAIN_GPUS_PER_NODE:-0} # 0 = CPU mode: no GPU reque
 HPCTRAIN_IMAGE=${HPCTRAIN_IMAGE:-}                  # Apptainer image (.sif); empty = run on the host
 HPCTRAIN_SRUN_MPI=${HPCTRAIN_SRUN_MPI:-pmix}        # srun --mpi plugin matching the MPI Horovod uses
 HPCTRAIN_PYTHON=${HPCTRAIN_PYTHON:-python3}         # interpreter with hpctrain's dependencies
+HPCTRAIN_MAX_RESTARTS=${HPCTRAIN_MAX_RESTARTS:-2}   # relaunches of a failed step in the same allocation
+HPCTRAIN_SPARE_NODES=${HPCTRAIN_SPARE_NODES:-0}     # idle nodes of the job that replace blamed ones on a relaunch

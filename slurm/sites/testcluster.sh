@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # The emulated cluster of tests/slurm_cluster: CPU only (fake GPUs via GRES do not work there), no
 # modules, no container, the repository's own virtual environment.
 HPCTRAIN_ACCOUNT=${HPCTRAIN_ACCOUNT:-}

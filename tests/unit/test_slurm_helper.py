@@ -126,7 +126,8 @@ def test_env_sh_gpu_site_builds_srun_and_container_lines():
                 'printf "%s|" "${HPCTRAIN_SRUN_ARGS[@]}"; echo; printf "%s|" "${HPCTRAIN_EXEC[@]}"')
     assert p.returncode == 0 and "module load apptainer" in p.stderr, p.stderr
     srun, exe = p.stdout.splitlines()[-2:]
-    assert srun == "--mpi=pmix|--ntasks-per-node=4|--ntasks=12|--gpus-per-node=4|", p.stdout + p.stderr
+    assert srun == "--mpi=pmix|--kill-on-bad-exit=1|--ntasks-per-node=4|--ntasks=12|--gpus-per-node=4|", \
+        p.stdout + p.stderr
     assert exe.startswith("apptainer|exec|--nv|--bind|") and exe.endswith("|/images/h.sif|python3|")
 
 
@@ -134,7 +135,7 @@ def test_env_sh_cpu_site_has_no_gpu_or_container():
     p = _env_sh({"HPCTRAIN_SITE": "testcluster"},
                 'printf "%s|" "${HPCTRAIN_SRUN_ARGS[@]}"; echo; printf "%s|" "${HPCTRAIN_EXEC[@]}"')
     srun, exe = p.stdout.splitlines()[-2:]
-    assert srun == "--mpi=pmix|" and exe == f"{ROOT}/.venv/bin/python|"
+    assert srun == "--mpi=pmix|--kill-on-bad-exit=1|" and exe == f"{ROOT}/.venv/bin/python|"
 
 
 @pytest.mark.parametrize("site_env, words", [
@@ -185,9 +186,9 @@ def test_pipeline_template_is_thin_and_shares_env_sh():
     assert h["signal"].startswith("B:USR1@") and "requeue" in h and "%j" in h["output"]
     assert "/home/" not in text and "/work/" not in text
     assert 'source "$HPCTRAIN_ROOT/slurm/env.sh"' in text and "SLURM_SUBMIT_DIR" in text
-    # Same launch and requeue path as the other templates: srun into the optional container, supervised.
-    assert 'srun "${HPCTRAIN_SRUN_ARGS[@]}" "${HPCTRAIN_EXEC[@]}" -m "hpctrain.$MODEL"' in text
-    assert text.rstrip().endswith('"$@" &\nhpctrain_supervise $!') and "scontrol requeue" not in text
+    # Same launch, requeue and restart path as the other templates: env.sh's hpctrain_step.
+    assert 'hpctrain_step -m "hpctrain.$MODEL"' in text and text.rstrip().endswith('"$@"')
+    assert "srun" not in text.split("hpctrain_step")[-1] and "scontrol requeue" not in text
     syntax = subprocess.run(["bash", "-n", str(PIPELINE)], capture_output=True, text=True)
     assert syntax.returncode == 0, syntax.stderr
 
