@@ -87,11 +87,15 @@ def trained(run_dir: Path, steps: int) -> bool:
 
 def signal_ranks(job: subprocess.Popen, sig: int, module: str = "hpctrain.", rank: int | None = None) -> int:
     """Send `sig` to the job's Python rank processes (only to `rank` if given); returns how many."""
-    ranks = [p for p in psutil.Process(job.pid).children(recursive=True)
-             if any(module in part for part in p.cmdline()) and p.name().startswith("python")]
-    if rank is not None:
-        ranks = [p for p in ranks if p.environ().get("OMPI_COMM_WORLD_RANK", p.environ().get("HOROVOD_RANK"))
-                 == str(rank)]
+    def wanted(p: psutil.Process) -> bool:
+        try:
+            if not (p.name().startswith("python") and any(module in part for part in p.cmdline())):
+                return False
+            e = p.environ()
+            return rank is None or e.get("OMPI_COMM_WORLD_RANK", e.get("HOROVOD_RANK")) == str(rank)
+        except psutil.NoSuchProcess:  # a helper process that ended meanwhile
+            return False
+    ranks = [p for p in psutil.Process(job.pid).children(recursive=True) if wanted(p)]
     for p in ranks:
         p.send_signal(sig)
     return len(ranks)

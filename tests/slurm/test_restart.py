@@ -59,7 +59,12 @@ def _ranks(run_dir: Path) -> list[dict]:
 
 
 def _alive(pids) -> bool:
-    return any(psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE for pid in pids)
+    def running(pid: int) -> bool:
+        try:
+            return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:  # gone, also between a look-up and the next
+            return False
+    return any(running(pid) for pid in pids)
 
 
 def _wait(what: str, cond, timeout: float, cluster, job: str, out: Path, every: float = 0.1):
