@@ -13,7 +13,6 @@ run-directory lock guarantees no other run is writing here).
 from __future__ import annotations
 
 import errno
-import hashlib
 import os
 import re
 import tempfile
@@ -21,6 +20,7 @@ from pathlib import Path
 from typing import BinaryIO, Callable, TypeVar
 
 from hpctrain.errors import CheckpointSaveError, UserError
+from hpctrain.files import atomic_write, fsync_dir, sha256_file
 
 T = TypeVar("T")
 _NAME = re.compile(r"^ckpt-(\d{8,})\.pt$")
@@ -29,38 +29,6 @@ _TEMP = re.compile(r"^\.ckpt-\d{8,}\.pt(\.sha256)?\..+\.tmp$")  # what save()'s 
 
 class CheckpointError(UserError, RuntimeError):
     pass
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
-    """Write via a temp file + fsync + rename: `path` is either the old file or the complete new one."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
 
 
 class CheckpointManager:
@@ -109,7 +77,7 @@ class CheckpointManager:
             atomic_write(final.with_name(final.name + ".sha256"),
                          lambda f: f.write(f"{digest}  {final.name}\n".encode()))
             os.replace(tmp, final)
-            _fsync_dir(self.dir)
+            fsync_dir(self.dir)
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise

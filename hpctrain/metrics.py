@@ -14,7 +14,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from hpctrain.checkpoint import atomic_write
+from hpctrain.files import atomic_write
 
 
 class Throughput:

@@ -11,7 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from hpctrain.checkpoint import atomic_write
+from hpctrain.files import atomic_write
 from hpctrain.data.text import DataError, Log, prepare
 
 _SKIP = {"antigravity", "this", "idlelib", "tkinter", "turtle", "turtledemo", "lib2to3", "ensurepip", "venv",

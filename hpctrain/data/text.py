@@ -30,7 +30,7 @@ from typing import Callable, Iterable
 
 import numpy as np
 
-from hpctrain.checkpoint import atomic_write, sha256_file
+from hpctrain.files import atomic_write, sha256_file
 from hpctrain.errors import UserError
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")

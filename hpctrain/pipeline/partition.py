@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from hpctrain.checkpoint import atomic_write
+from hpctrain.files import atomic_write
 from hpctrain.errors import UserError
 
 METHODS = ("time", "params", "uniform")
