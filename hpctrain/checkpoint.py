@@ -3,7 +3,8 @@
 Framework-neutral: the engine passes `write(fileobj)` / `read(path)` callables (torch.save,
 numpy, TF...). Only rank 0 calls `save`; the loaded state is broadcast by the engine.
 
-A checkpoint `ckpt-00001234.pt` is written to a temp file in the same directory, fsynced, and
+A checkpoint `ckpt-00001234.pt` (the suffix is the manager's: `.pt` by default, `.npz`, `.weights.h5`...;
+a manager sees only checkpoints with its own suffix) is written to a temp file in the same directory, fsynced, and
 renamed over; its SHA-256 sits beside it in `ckpt-00001234.pt.sha256`, written before the rename,
 so a file that exists always has its checksum and a flipped or truncated byte is caught on load.
 A checkpoint without its checksum (copied by hand, older versions) is unverified: resume prefers an
@@ -23,8 +24,17 @@ from hpctrain.errors import CheckpointSaveError, UserError
 from hpctrain.files import atomic_write, fsync_dir, sha256_file
 
 T = TypeVar("T")
-_NAME = re.compile(r"^ckpt-(\d{8,})\.pt$")
-_TEMP = re.compile(r"^\.ckpt-\d{8,}\.pt(\.sha256)?\..+\.tmp$")  # what save()'s mkstemp calls create
+# A suffix: "." then plain name characters, more dotted parts allowed (".pt", ".npz", ".weights.h5").
+_SUFFIX = re.compile(r"^(\.[A-Za-z0-9_-]+)+$")
+
+
+def _name_pattern(suffix: str) -> re.Pattern[str]:
+    return re.compile(rf"^ckpt-(\d{{8,}}){re.escape(suffix)}$")
+
+
+def _temp_pattern(suffix: str) -> re.Pattern[str]:
+    # what save()'s mkstemp calls create: .ckpt-00001234<suffix>.XXXX.tmp and .ckpt-...<suffix>.sha256.XXXX.tmp
+    return re.compile(rf"^\.ckpt-\d{{8,}}{re.escape(suffix)}(\.sha256)?\..+\.tmp$")
 
 
 class CheckpointError(UserError, RuntimeError):
@@ -32,21 +42,29 @@ class CheckpointError(UserError, RuntimeError):
 
 
 class CheckpointManager:
-    def __init__(self, directory: str | os.PathLike, keep: int = 3, log: Callable[[str], None] = print):
+    def __init__(self, directory: str | os.PathLike, keep: int = 3, log: Callable[[str], None] = print,
+                 suffix: str = ".pt"):
         if keep < 1:
             raise ValueError(f"keep={keep}: must keep at least 1 checkpoint")
+        if not isinstance(suffix, str) or not _SUFFIX.match(suffix) or suffix.endswith((".sha256", ".tmp")):
+            raise ValueError(f"checkpoint suffix {suffix!r}: must start with '.' and be a plain file-name part "
+                             f"(letters, digits, '_', '-', more '.'-parts allowed; e.g. '.pt', '.npz', "
+                             f"'.weights.h5'), not ending in .sha256 or .tmp")
         self.dir = Path(directory)
         self.keep = keep
         self.log = log
+        self.suffix = suffix
+        self._name = _name_pattern(suffix)
+        self._temp = _temp_pattern(suffix)
 
     def path_for(self, step: int) -> Path:
-        return self.dir / f"ckpt-{step:08d}.pt"
+        return self.dir / f"ckpt-{step:08d}{self.suffix}"
 
     def list(self) -> list[Path]:
         """Complete checkpoints, newest (highest step) first."""
         if not self.dir.is_dir():
             return []
-        found = [(int(m.group(1)), p) for p in self.dir.iterdir() if (m := _NAME.match(p.name))]
+        found = [(int(m.group(1)), p) for p in self.dir.iterdir() if (m := self._name.match(p.name))]
         return [p for _, p in sorted(found, reverse=True)]
 
     def save(self, step: int, write: Callable[[BinaryIO], None]) -> Path:
@@ -87,7 +105,7 @@ class CheckpointManager:
         removed = []
         if self.dir.is_dir():
             for p in self.dir.iterdir():
-                if _TEMP.match(p.name):
+                if self._temp.match(p.name):
                     p.unlink(missing_ok=True)
                     removed.append(p.name)
         return removed

@@ -1,5 +1,6 @@
 import errno
 import pickle
+import re
 
 import pytest
 
@@ -106,3 +107,50 @@ def test_stale_temp_files_are_removed_after_a_save(tmp_path):
     assert not any(p.exists() for p in stale) and other.exists()
     stale[0].write_bytes(b"y")
     assert m.remove_stale_temps() == [stale[0].name]
+
+
+@pytest.mark.parametrize("suffix", [".npz", ".weights.h5"])
+def test_other_suffix_retention_checksum_fallback_and_stale_temps(tmp_path, suffix):
+    logs = []
+    m = CheckpointManager(tmp_path, keep=2, log=logs.append, suffix=suffix)
+    for step in (1, 2, 3):
+        m.save(step, _write({"step": step}))
+    names = [f"ckpt-00000003{suffix}", f"ckpt-00000002{suffix}"]
+    assert [p.name for p in m.list()] == names
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names + [n + ".sha256" for n in names])
+    assert m.load_latest(_read)[1] == {"step": 3}
+
+    m.path_for(3).write_bytes(b"garbage")  # checksum mismatch: falls back to step 2
+    path, state = m.load_latest(_read)
+    assert state == {"step": 2} and path.name == f"ckpt-00000002{suffix}"
+    assert any(f"ckpt-00000003{suffix}" in line and "corrupt" in line for line in logs)
+
+    stale = [tmp_path / f".ckpt-00000004{suffix}.k2j3h4.tmp", tmp_path / f".ckpt-00000004{suffix}.sha256.x8y.tmp"]
+    pt_temp = tmp_path / ".ckpt-00000004.pt.abc123.tmp"  # another manager's temp: not ours
+    for p in stale + [pt_temp]:
+        p.write_bytes(b"x")
+    m.save(5, _write(5))
+    assert not any(p.exists() for p in stale) and pt_temp.exists()
+
+
+def test_a_pt_manager_ignores_npz_checkpoints_in_the_same_directory(tmp_path):
+    npz = CheckpointManager(tmp_path, keep=1, log=lambda *_: None, suffix=".npz")
+    for step in (8, 9):
+        npz.save(step, _write({"npz": step}))
+    pt = CheckpointManager(tmp_path, keep=1, log=lambda *_: None)
+    assert pt.list() == [] and pt.load_latest(_read) is None
+    pt.save(1, _write({"pt": 1}))
+    pt.save(2, _write({"pt": 2}))  # pruning keeps 1 .pt and leaves the .npz alone
+    stale_npz = tmp_path / ".ckpt-00000010.npz.abc.tmp"
+    stale_npz.write_bytes(b"x")
+    assert pt.remove_stale_temps() == []
+    assert [p.name for p in pt.list()] == ["ckpt-00000002.pt"]
+    assert [p.name for p in npz.list()] == ["ckpt-00000009.npz"]
+    assert pt.load_latest(_read)[1] == {"pt": 2} and npz.load_latest(_read)[1] == {"npz": 9}
+
+
+@pytest.mark.parametrize("bad", ["pt", "", ".", "..", "./x", ".a/b", ".p t", ".pt.", "/abs.pt", ".pt.sha256", ".tmp",
+                                 None])
+def test_bad_suffix_is_a_value_error_naming_it(tmp_path, bad):
+    with pytest.raises(ValueError, match=f"suffix {re.escape(repr(bad))}"):
+        CheckpointManager(tmp_path, suffix=bad)
