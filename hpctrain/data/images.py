@@ -1,7 +1,8 @@
 """Image datasets as framework-neutral sources: numpy + Pillow only, never torch or tensorflow.
 
-A source is indexed by a key `(index, epoch)` and returns `(float32 CHW image, int label)`, the
-image normalized with the ImageNet mean/std. Every random choice for a sample is drawn from a
+A source is indexed by a key `(index, epoch)` and returns `(float32 image, int label)`, the image
+normalized with the ImageNet mean/std, channels first (layout "chw", PyTorch) or last ("hwc",
+TensorFlow). Every random choice for a sample is drawn from a
 generator seeded from (seed, epoch, index) -- or from (seed, index, split) for content that must
 stay fixed across epochs -- never from global RNG state, so a sample is the same whatever the number
 of loader workers, and a run resumed in the middle of an epoch sees exactly the images it would
@@ -26,6 +27,7 @@ from PIL import Image
 from hpctrain.errors import UserError
 
 DATASETS = ("synthetic", "shapes", "folder")
+LAYOUTS = ("chw", "hwc")  # channels first (PyTorch) or last (TensorFlow)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 STD = np.array([0.229, 0.224, 0.225], np.float32)
@@ -54,16 +56,25 @@ def _augment_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
     return np.random.default_rng([seed, epoch, index])
 
 
+def check_layout(layout: str) -> str:
+    if layout not in LAYOUTS:
+        raise DataError(f"unknown image layout {layout!r}; choose one of: {', '.join(LAYOUTS)}")
+    return layout
+
+
 class ImageSource(abc.ABC):
-    """Indexable by (index, epoch) -> (C-contiguous float32 (3, S, S) normalized image, int label).
+    """Indexable by (index, epoch) -> (C-contiguous float32 normalized image, int label); the image
+    is (3, S, S) for layout "chw", (S, S, 3) for "hwc".
 
     A plain int key means (index, epoch=0), so a source also works as an ordinary sequence.
+    Subclasses produce CHW in `_sample` (a view is fine); the layout is applied once, here.
     """
 
     def __init__(self, length: int, num_classes: int, image_size: int, seed: int, train: bool,
-                 classes: list[str]):
+                 classes: list[str], layout: str = "chw"):
         self.length, self.num_classes, self.image_size = length, num_classes, image_size
         self.seed, self.train, self.classes = seed, train, classes
+        self.layout = check_layout(layout)
 
     def __len__(self) -> int:
         return self.length
@@ -72,21 +83,27 @@ class ImageSource(abc.ABC):
         index, epoch = (key, 0) if isinstance(key, (int, np.integer)) else key
         if not 0 <= index < self.length:
             raise IndexError(f"sample index {index} out of range 0..{self.length - 1}")
-        return self._sample(int(index), int(epoch))
+        image, label = self._sample(int(index), int(epoch))
+        if self.layout == "hwc":
+            image = image.transpose(1, 2, 0)
+        return np.ascontiguousarray(image), label  # no copy when already contiguous
 
     @abc.abstractmethod
     def _sample(self, index: int, epoch: int) -> tuple[np.ndarray, int]:
-        """Return sample `index` as seen in `epoch` (index already range-checked)."""
+        """Return sample `index` as seen in `epoch` (index already range-checked), as a float32
+        (3, S, S) array, not necessarily contiguous."""
 
 
 class SyntheticSource(ImageSource):
-    """Noise images with random labels, for throughput benchmarks: one array copy per sample."""
+    """Noise images with random labels, for throughput benchmarks: one array copy per sample (a
+    second one for layout "hwc")."""
 
     _BANK = 8  # pre-drawn noise images; drawing fresh noise per sample costs ~1-2 ms at 224 px
 
-    def __init__(self, length: int, num_classes: int, image_size: int, seed: int, train: bool):
+    def __init__(self, length: int, num_classes: int, image_size: int, seed: int, train: bool,
+                 layout: str = "chw"):
         super().__init__(length, num_classes, image_size, seed, train,
-                         [str(c) for c in range(num_classes)])
+                         [str(c) for c in range(num_classes)], layout)
         self._split = _TRAIN if train else _VAL
         self._bank: np.ndarray | None = None  # lazy: pickled copies sent to workers stay small
 
@@ -157,8 +174,9 @@ class ShapesSource(ImageSource):
     class. Content is fixed per index; training adds a random horizontal flip per (epoch, index).
     """
 
-    def __init__(self, length: int, image_size: int, seed: int, train: bool):
-        super().__init__(length, len(SHAPE_CLASSES), image_size, seed, train, list(SHAPE_CLASSES))
+    def __init__(self, length: int, image_size: int, seed: int, train: bool, layout: str = "chw"):
+        super().__init__(length, len(SHAPE_CLASSES), image_size, seed, train, list(SHAPE_CLASSES),
+                         layout)
         self._split = _TRAIN if train else _VAL
 
     def _sample(self, index: int, epoch: int) -> tuple[np.ndarray, int]:
@@ -177,7 +195,7 @@ class ShapesSource(ImageSource):
         image += bg_n[:, None, None]
         image += (fg_n - bg_n)[:, None, None] * mask
         if self.train and _augment_rng(self.seed, epoch, index).random() < 0.5:
-            image = np.ascontiguousarray(image[:, :, ::-1])
+            image = image[:, :, ::-1]  # a view: made contiguous (in the chosen layout) by __getitem__
         return image, label
 
 
@@ -223,8 +241,8 @@ class FolderSource(ImageSource):
     """Images listed from an ImageNet-layout split directory, decoded with Pillow per sample."""
 
     def __init__(self, root: str, files: list[str], labels: list[int], classes: list[str],
-                 image_size: int, seed: int, train: bool, log: Log):
-        super().__init__(len(files), len(classes), image_size, seed, train, classes)
+                 image_size: int, seed: int, train: bool, log: Log, layout: str = "chw"):
+        super().__init__(len(files), len(classes), image_size, seed, train, classes, layout)
         self.root, self.log = root, log
         # Bytes in one numpy array instead of a list of str: a million-entry Python list costs
         # ~100 MB per loader worker, because refcount updates copy the forked pages.
@@ -272,7 +290,7 @@ class FolderSource(ImageSource):
         if self.train and rng.random() < 0.5:
             hwc = hwc[:, ::-1]
         hwc = hwc * (1 / (255 * STD)) - MEAN / STD
-        return np.ascontiguousarray(hwc.transpose(2, 0, 1))
+        return hwc.transpose(2, 0, 1)  # a CHW view: __getitem__ makes the one contiguous copy it needs
 
 
 def _class_dirs(split_dir: str) -> list[str]:
@@ -332,7 +350,7 @@ def _scan_split(split_dir: str, classes: list[tuple[int, str]], verify: bool, lo
 
 
 def _build_folder(path: str | None, image_size: int, num_classes: int, seed: int, verify: bool,
-                  log: Log) -> tuple[FolderSource, FolderSource]:
+                  log: Log, layout: str = "chw") -> tuple[FolderSource, FolderSource]:
     if not path:
         raise DataError("dataset 'folder' needs a path (a directory holding train/ and val/)")
     if not os.path.isdir(path):
@@ -359,19 +377,21 @@ def _build_folder(path: str | None, image_size: int, num_classes: int, seed: int
                           verify, log, pool)
     log(f"folder dataset: {len(train[0])} train / {len(val[0])} val images, "
         f"{len(classes)} classes, from {path}")
-    return (FolderSource(train_dir, *train, classes, image_size, seed, True, log),
-            FolderSource(val_dir, *val, classes, image_size, seed, False, log))
+    return (FolderSource(train_dir, *train, classes, image_size, seed, True, log, layout),
+            FolderSource(val_dir, *val, classes, image_size, seed, False, log, layout))
 
 
 def build_image_sources(dataset: str, path: str | None, image_size: int, num_classes: int,
                         seed: int, synthetic_size: int = 1024, verify: bool = True,
-                        log: Log = print) -> tuple[ImageSource, ImageSource]:
+                        log: Log = print, *, layout: str = "chw") -> tuple[ImageSource, ImageSource]:
     """Return (train, val) sources for `dataset` ("synthetic", "shapes" or "folder").
 
     num_classes=0 means "take it from the dataset" (folder, shapes); synthetic needs it >= 1.
+    layout: "chw" (channels first, default) or "hwc" (channels last, for TensorFlow).
     """
     if dataset not in DATASETS:
         raise DataError(f"unknown dataset {dataset!r}; choose one of: {', '.join(DATASETS)}")
+    check_layout(layout)
     if image_size < 8:
         raise DataError(f"image_size must be at least 8, got {image_size}")
     if num_classes < 0:
@@ -383,12 +403,13 @@ def build_image_sources(dataset: str, path: str | None, image_size: int, num_cla
             raise DataError(f"dataset 'synthetic' needs num_classes >= 1, got {num_classes}")
         if synthetic_size < 1:
             raise DataError(f"synthetic_size must be >= 1, got {synthetic_size}")
-        return (SyntheticSource(synthetic_size, num_classes, image_size, seed, True),
-                SyntheticSource(max(1, synthetic_size // 8), num_classes, image_size, seed, False))
+        return (SyntheticSource(synthetic_size, num_classes, image_size, seed, True, layout),
+                SyntheticSource(max(1, synthetic_size // 8), num_classes, image_size, seed, False,
+                                layout))
     if dataset == "shapes":
         if num_classes not in (0, len(SHAPE_CLASSES)):
             raise DataError(f"dataset 'shapes' has {len(SHAPE_CLASSES)} classes, got "
                             f"num_classes={num_classes}")
-        return (ShapesSource(SHAPES_TRAIN_SIZE, image_size, seed, True),
-                ShapesSource(SHAPES_VAL_SIZE, image_size, seed, False))
-    return _build_folder(path, image_size, num_classes, seed, verify, log)
+        return (ShapesSource(SHAPES_TRAIN_SIZE, image_size, seed, True, layout),
+                ShapesSource(SHAPES_VAL_SIZE, image_size, seed, False, layout))
+    return _build_folder(path, image_size, num_classes, seed, verify, log, layout)

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from hpctrain.data.images import (MEAN, STD, DataError, SHAPE_CLASSES, _random_resized_crop_box,
-                                  build_image_sources)
+from hpctrain.data.images import (MEAN, STD, DataError, SHAPE_CLASSES, ShapesSource,
+                                  _random_resized_crop_box, build_image_sources)
 
 REPO = Path(__file__).resolve().parents[2]
 CLASSES = ["dog", "cat", "fish"]  # created unsorted on purpose
@@ -343,3 +343,45 @@ def test_folder_flat_val_and_unknown_val_class(tmp_path):
     (root / "val" / "zebra").mkdir()
     with pytest.raises(DataError, match="zebra"):
         _folder(root)
+
+
+# ---------------------------------------------------------------- layout
+
+def _check_hwc_is_chw_transposed(chw_sources, hwc_sources, keys):
+    for chw, hwc in zip(chw_sources, hwc_sources):
+        assert (chw.layout, hwc.layout) == ("chw", "hwc")
+        for key in keys:
+            x, y = chw[key]
+            xh, yh = hwc[key]
+            s = chw.image_size
+            assert x.shape == (3, s, s) and xh.shape == (s, s, 3)
+            assert xh.dtype == np.float32 and xh.flags.c_contiguous and x.flags.c_contiguous
+            assert np.array_equal(xh, x.transpose(1, 2, 0)) and yh == y
+
+
+def test_hwc_layout_is_chw_transposed_shapes_and_synthetic():
+    keys = [(i, e) for i in range(8) for e in (0, 1, 2)] + [5]  # epochs 1, 2: flipped and not
+    _check_hwc_is_chw_transposed(_shapes(), _shapes(layout="hwc"), keys)
+    args = ("synthetic", None, 32, 10, 3)
+    _check_hwc_is_chw_transposed(build_image_sources(*args, synthetic_size=64),
+                                 build_image_sources(*args, synthetic_size=64, layout="hwc"), keys)
+
+
+def test_hwc_layout_is_chw_transposed_folder(tmp_path):
+    root = _make_tree(tmp_path)
+    chw, hwc = _folder(root)[:2], _folder(root, layout="hwc")[:2]
+    _check_hwc_is_chw_transposed(chw, hwc, [(i, e) for i in range(4) for e in (0, 1, 3)])
+
+
+def test_hwc_source_survives_pickling():
+    src = _shapes(layout="hwc")[0]
+    copy = pickle.loads(pickle.dumps(src))
+    assert copy.layout == "hwc" and np.array_equal(copy[3, 2][0], src[3, 2][0])
+
+
+@pytest.mark.parametrize("bad", ["nhwc", "CHW", "", None])
+def test_bad_layout_names_the_value_and_the_choices(bad):
+    with pytest.raises(DataError, match=re.escape(repr(bad)) + ".*chw, hwc"):
+        _shapes(layout=bad)
+    with pytest.raises(DataError, match=re.escape(repr(bad))):
+        ShapesSource(10, 32, 0, True, layout=bad)
