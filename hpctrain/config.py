@@ -18,7 +18,10 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, get_type_hints
 
+from hpctrain.data.images import DATASETS
 from hpctrain.errors import UserError
+from hpctrain.models.names import BERT_PRESETS, RESNET_ARCHS
+from hpctrain.pipeline.partition import PARTITION_METHODS
 
 
 class ConfigError(UserError, ValueError):
@@ -59,7 +62,7 @@ class RunConfig:
 @dataclass
 class DataConfig:
     dataset: str = opt("shapes", "shapes (built-in, no download), synthetic, or folder (ImageNet layout)",
-                       choices=["shapes", "synthetic", "folder"])
+                       choices=["shapes", *(d for d in DATASETS if d != "shapes")])  # the default first
     path: str = opt("", "dataset root for --dataset folder: <path>/train/<class>/*.jpg and <path>/val/...")
     image_size: int = opt(32, "training crop size in pixels", minimum=8, maximum=1024)
     num_classes: int = opt(10, "number of classes (0 = take it from the folder)", minimum=0)
@@ -74,7 +77,7 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     arch: str = opt("resnet18", "network architecture",
-                    choices=["resnet18", "resnet34", "resnet50", "resnet101"])
+                    choices=list(RESNET_ARCHS))
     zero_init_residual: bool = opt(False, "zero-init the last BN of each residual block (Goyal et al.)")
 
 
@@ -110,9 +113,6 @@ class DistConfig:
                                    minimum=0.0)
     threads: int = opt(0, "intra-op threads per rank (0 = cores on the node / ranks on the node)",
                        minimum=0)
-
-
-PARTITION_METHODS = ("time", "params", "uniform")
 
 
 @dataclass
@@ -163,7 +163,7 @@ class TextDataConfig:
 @dataclass
 class BertModelConfig:
     preset: str = opt("tiny", "BERT size (random init): tiny 2x128, mini 4x256, base 12x768, large 24x1024",
-                      choices=["tiny", "mini", "base", "large"])
+                      choices=list(BERT_PRESETS))
     model_path: str = opt("", "local Hugging Face model directory to start from instead of a preset "
                               "(loaded offline; its vocab must match the corpus)")
     dropout: float = opt(0.1, "hidden and attention dropout (random-init presets)", minimum=0.0, maximum=0.9)

@@ -8,6 +8,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from hpctrain.models.names import RESNET_ARCHS
+
 
 def _conv3x3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
     return nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
@@ -133,6 +135,8 @@ ARCHS = {
     "resnet50": (Bottleneck, [3, 4, 6, 3]),
     "resnet101": (Bottleneck, [3, 4, 23, 3]),
 }
+if tuple(ARCHS) != RESNET_ARCHS:  # not an assert: must hold under python -O too
+    raise ImportError(f"ARCHS {tuple(ARCHS)} and hpctrain.models.names.RESNET_ARCHS {RESNET_ARCHS} disagree")
 
 
 def build_resnet(arch: str, num_classes: int = 1000, zero_init_residual: bool = False) -> ResNet:

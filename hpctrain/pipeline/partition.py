@@ -26,7 +26,7 @@ from typing import Any, Callable, Sequence
 from hpctrain.files import atomic_write
 from hpctrain.errors import UserError
 
-METHODS = ("time", "params", "uniform")
+PARTITION_METHODS = ("time", "params", "uniform")  # also the config's choices (hpctrain.config imports it)
 _GIB = float(1 << 30)
 # Float stage times that differ only by summation rounding count as equal, so the documented tie-break (earliest
 # cuts) picks the plan rather than the last ulp. Integer weights (bytes) are compared exactly.
@@ -190,8 +190,8 @@ class Plan:
         missing = [k for k in _PLAN_KEYS if k not in d]
         if missing:
             raise PartitionError(f"missing key(s) {', '.join(missing)}: a plan needs {', '.join(_PLAN_KEYS)}")
-        if d["method"] not in METHODS:
-            raise PartitionError(f"method = {d['method']!r}: allowed {', '.join(METHODS)}")
+        if d["method"] not in PARTITION_METHODS:
+            raise PartitionError(f"method = {d['method']!r}: allowed {', '.join(PARTITION_METHODS)}")
         if not isinstance(d["costs"], list):
             raise PartitionError(f"costs = {d['costs']!r}: need a list of block costs")
         costs = []
@@ -313,8 +313,8 @@ def partition(costs: Sequence[LayerCost], stages: int, method: str = "time", mem
     if stages > L:
         raise PartitionError(f"more pipeline stages ({stages}) than blocks ({L}): allowed 1..{L}")
     P = stages
-    if method not in METHODS:
-        raise PartitionError(f"unknown partition method {method!r}: allowed {', '.join(METHODS)}")
+    if method not in PARTITION_METHODS:
+        raise PartitionError(f"unknown partition method {method!r}: allowed {', '.join(PARTITION_METHODS)}")
     if memory_cap is not None and not (_is_num(memory_cap) and memory_cap > 0):
         raise PartitionError(f"memory_cap = {memory_cap!r}: must be a number of bytes > 0 (or None for no cap)")
     if bandwidth is not None and not (_is_num(bandwidth) and bandwidth > 0):
