@@ -100,7 +100,7 @@ def main():
     a = p.parse_args()
 
     import horovod.torch as hvd
-    from hpctrain.backends import build_backend
+    from hpctrain.engine.torch.backends import build_backend
     from hpctrain.cluster import detect
     from hpctrain.config import DistConfig
 
@@ -113,7 +113,7 @@ def main():
     backend = build_backend(DistConfig(backend="horovod"), cluster, device)
     gloo = False
     if n > 1:
-        from hpctrain.backends.ddp import _rendezvous
+        from hpctrain.engine.torch.backends.ddp import _rendezvous
         import torch.distributed as dist
         addr, port = _rendezvous(cluster)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=f"tcp://{addr}:{port}",

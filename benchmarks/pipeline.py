@@ -3,7 +3,7 @@ gets to its ideal, and mpi4py vs Horovod process sets for a stage's replica grad
 
     python benchmarks/pipeline.py [--quick] [--out DIR] [--parts abc]
 
-A. Partition balance (one process). Profile the blocks of ResNet and BERT (hpctrain.pipeline.profile),
+A. Partition balance (one process). Profile the blocks of ResNet and BERT (hpctrain.engine.torch.pipeline.profile),
    partition for each P with the time / params / uniform methods and record the predicted stage times,
    bottleneck, lower bound and balance = bottleneck / lower bound, plus bottleneck(params) / bottleneck(time)
    and bottleneck(uniform) / bottleneck(time). Then every planned stage is run for real (its blocks
@@ -23,7 +23,7 @@ B. Pipeline throughput (mpirun -np P, D = 1, one torch thread per rank). Time-ba
 C. Replica gradient averaging (mpirun -np 4: P = 2 stages x D = 2 replicas): MPIReducer (one mpi4py
    Allreduce) vs HorovodReducer (one process set per stage) on flat float32 buffers, both stages
    reducing at once as in training; engines alternate inside each repeat; algbw = bytes / time.
-   Pass 1 sets HOROVOD_CYCLE_TIME to hpctrain's CPU default (10 ms, hpctrain/backends/horovod.py);
+   Pass 1 sets HOROVOD_CYCLE_TIME to hpctrain's CPU default (10 ms, hpctrain/engine/torch/backends/horovod.py);
    pass 2 (--hvd-default-pass 1; off with --quick) leaves it unset (Horovod's own default), which is what a
    pipelined run with --pipeline-allreduce horovod gets (that path never sets the variable). Each pass is
    its own mpirun with its own mpi peer: re-initialising Horovod in one process is not reliable (see
@@ -150,7 +150,7 @@ def block_io(blocks, task, batch):
 def partition_balance(label: str, model, task, batch, stages: list[int], a) -> dict:
     import torch
     from hpctrain.pipeline.partition import partition
-    from hpctrain.pipeline.profile import combine, profile_blocks
+    from hpctrain.engine.torch.pipeline.profile import combine, profile_blocks
     blocks = task.blocks(model)
     names = [n for n, _ in blocks]
     t = time.perf_counter()
@@ -245,8 +245,8 @@ def worker_pipe(a, result_path: str) -> None:
     import torch
     from mpi4py import MPI
     from hpctrain.pipeline.partition import partition
-    from hpctrain.pipeline.profile import combine, profile_blocks
-    from hpctrain.pipeline.runtime import Grid, PipelineStage
+    from hpctrain.engine.torch.pipeline.profile import combine, profile_blocks
+    from hpctrain.engine.torch.pipeline.runtime import Grid, PipelineStage
     from hpctrain.pipeline.schedule import simulate
 
     comm = MPI.COMM_WORLD
@@ -406,7 +406,7 @@ def worker_reduce(a, result_path: str, stage_sizes: list[int]) -> None:
     import numpy as np
     import torch
     from mpi4py import MPI  # first: MPI belongs to mpi4py, Horovod initialises on top of it
-    from hpctrain.pipeline.runtime import Grid, HorovodReducer, MPIReducer
+    from hpctrain.engine.torch.pipeline.runtime import Grid, HorovodReducer, MPIReducer
 
     comm = MPI.COMM_WORLD
     rank = comm.Get_rank()

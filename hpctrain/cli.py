@@ -1,8 +1,9 @@
 """What every entry point shares: the run from parsed flags to exit code, and the one-line error path.
 
-    detect the launcher -> parse the config -> announce -> preemption handler -> hang watchdog
-    -> build(cfg, cluster) -> train -> report -> close (every rank waits for rank 0)
-    -> exit 0, or 85 after an agreed stop
+    detect the launcher -> parse the config (the recipe's) -> announce -> preemption handler -> hang
+    watchdog -> the engine of --framework builds a resumed trainer from the recipe -> train -> the
+    recipe's after-train hook -> report -> close (every rank waits for rank 0) -> exit 0, or 85 after
+    an agreed stop
 
 Any `ExitError` (bad input: exit 2; failed checkpoint save: 87; non-finite loss: 88) becomes one
 line on stderr, printed by rank 0 only (see `report_error`).
@@ -13,9 +14,7 @@ import json
 import os
 import sys
 import time
-from typing import Callable
-
-from hpctrain import preempt, runlock, watchdog
+from hpctrain import engine, preempt, recipes, runlock, watchdog
 from hpctrain.cluster import ClusterEnv, detect
 from hpctrain.config import parse
 from hpctrain.errors import EXIT_PREEMPTED, ExitError
@@ -53,28 +52,32 @@ def report_error(prog: str, error: ExitError, rank: int | None) -> int:
     os._exit(error.exit_code)
 
 
-def run(prog: str, argv: list[str] | None, build: Callable, config_cls=None,
-        after: Callable | None = None) -> int:
-    """`build(cfg, cluster)` -> a resumed Trainer; `after(trainer, cfg, result)` runs once training ended
-    without a stop signal (BERT's Hugging Face export)."""
+def main(recipe_name: str, argv: list[str] | None = None) -> int:
+    """`python -m hpctrain.<recipe_name>`: the whole run, returning the exit code."""
     one_write_per_line()
-    rank = None
+    recipe = recipes.get(recipe_name)
+    prog, rank, trainer, closed = recipe.prog, None, None, False
     try:
         cluster = detect()
         rank = cluster.rank
-        cfg = parse(argv, prog, config_cls)
+        cfg = parse(argv, prog, recipe.config_cls)
         if rank == 0:
             print(f"{prog}: {cluster.launcher} launcher, {cluster.size} rank(s) on {cluster.num_nodes} node(s)")
             print(f"{prog}: config {json.dumps(cfg.to_dict(), sort_keys=True)}")
         preemption = preempt.Preemption().install()  # from here SIGUSR1/SIGTERM only set a flag
         watchdog.start(cfg.run.hang_timeout, cfg.run.run_dir, cluster.rank, cluster.node_name)
-        trainer = build(cfg, cluster)
-        result = trainer.train(preemption)
-        with watchdog.phase("finish"):
-            if after is not None and "stopped_by_signal" not in result:
-                after(trainer, cfg, result)
-            code = report(prog, cluster, trainer.step, result)
-            trainer.close()  # every rank waits here until rank 0 has written and reported everything
+        trainer = engine.load(cfg.dist.framework).build_trainer(recipe, cfg, cluster)
+        try:
+            result = trainer.train(preemption)
+            with watchdog.phase("finish"):
+                if trainer.after_train is not None and "stopped_by_signal" not in result:
+                    trainer.after_train(trainer, cfg)
+                code = report(prog, cluster, trainer.step, result)
+                trainer.close()  # every rank waits here until rank 0 has written and reported everything
+                closed = True
+        finally:
+            if not closed:
+                trainer.close(collective=False)  # an error: flush metrics, free the lock; no collective
         watchdog.stop()
         return code
     except ExitError as e:

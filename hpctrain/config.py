@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, get_type_hints
 
 from hpctrain.data.images import DATASETS
+from hpctrain.engine import ALL_BACKENDS, BACKENDS, FRAMEWORKS
 from hpctrain.errors import UserError
 from hpctrain.models.names import BERT_PRESETS, RESNET_ARCHS
 from hpctrain.pipeline.partition import PARTITION_METHODS
@@ -98,9 +99,10 @@ class OptimConfig:
 
 @dataclass
 class DistConfig:
+    framework: str = opt("torch", "training framework (the engine that runs the model)", choices=list(FRAMEWORKS))
     backend: str = opt("horovod", "how gradients are combined: horovod (ring-allreduce over MPI/Gloo), "
                                   "ddp (torch.distributed), none (single process)",
-                       choices=["horovod", "ddp", "none"])
+                       choices=list(ALL_BACKENDS))
     fp16_allreduce: bool = opt(False, "compress gradients to fp16 for the allreduce (Horovod)")
     adasum: bool = opt(False, "combine gradients with Adasum instead of averaging (Horovod)")
     accumulate: int = opt(1, "backward passes per optimizer step (gradient accumulation)", minimum=1)
@@ -332,6 +334,10 @@ def parse(argv: list[str] | None, prog: str, config_cls=None):
 
 def validate(cfg) -> None:
     """Checks that span fields."""
+    d = cfg.dist
+    if d.backend not in BACKENDS[d.framework]:
+        raise ConfigError(f"dist.backend (--backend): {d.backend!r} is not a backend of the {d.framework} engine "
+                          f"(allowed with --framework {d.framework}: {', '.join(BACKENDS[d.framework])})")
     if getattr(cfg.data, "dataset", None) == "folder" and not cfg.data.path:
         raise ConfigError("data.path (--path): required with --dataset folder (a directory holding train/ and val/)")
     if cfg.dist.adasum and cfg.dist.backend != "horovod":

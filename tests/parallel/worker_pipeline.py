@@ -18,8 +18,8 @@ from torch import nn
 from torch.nn.functional import cross_entropy
 
 from hpctrain.pipeline.partition import LayerCost, partition
-from hpctrain.pipeline.runtime import Grid, PipelineStage
-from hpctrain.pipeline.trainer import _tied
+from hpctrain.engine.torch.pipeline.runtime import Grid, PipelineStage
+from hpctrain.engine.torch.pipeline.step import tied_parameters
 
 torch.set_default_dtype(torch.float64)
 torch.set_num_threads(1)
@@ -98,7 +98,7 @@ def run_case(name, build, make_batch, task, P, M, schedule, comm, steps=3, lr=0.
     plan = uniform_plan(blocks, P)
     a, b = plan.stages[grid.stage]
     mine = [blk for _, blk in blocks[a:b]]
-    tied = {s: ps if grid.stage in s else [] for s, ps in _tied(blocks, plan).items()}
+    tied = {s: ps if grid.stage in s else [] for s, ps in tied_parameters(blocks, plan).items()}
     stage = PipelineStage(mine, grid, task, torch.device("cpu"), schedule, M, tied=tied)
     opt = torch.optim.SGD(stage.params, lr=lr, momentum=0.9)
     names = {id(p): k for k, p in model.named_parameters()}

@@ -199,3 +199,32 @@ def test_detector_reports_each_cycle(tmp_path):
         "pkg/d.py": "def f():\n    import pkg.c\n",
     })
     assert find_cycles(import_graph(root)) == ["pkg.a -> pkg.b -> pkg.a", "pkg.c -> pkg.d -> pkg.c"]
+
+
+# Modules that may import a framework: the engines' own packages and the models. Everything else in
+# hpctrain/ is framework-neutral, so a TensorFlow engine reuses it without loading torch (and back).
+FRAMEWORK_SIDE = ("hpctrain.engine.torch", "hpctrain.models.resnet", "hpctrain.models.bert")
+
+
+def neutral_modules() -> list[str]:
+    names = module_names(REPO / "hpctrain")
+    return sorted(n for n in names if not any(n == s or n.startswith(s + ".") for s in FRAMEWORK_SIDE))
+
+
+def test_framework_neutral_modules_import_neither_torch_nor_tensorflow():
+    mods = neutral_modules()
+    assert {"hpctrain.loop", "hpctrain.cli", "hpctrain.checkpoint", "hpctrain.files", "hpctrain.recipes.bert",
+            "hpctrain.engine", "hpctrain.pipeline.partition"} <= set(mods)
+    code = textwrap.dedent(f"""
+        import importlib, sys
+        for name in {mods!r}:
+            importlib.import_module(name)
+            loaded = [f for f in ("torch", "tensorflow", "keras", "mpi4py") if f in sys.modules]
+            assert not loaded, f"importing {{name}} loaded {{loaded}}"
+        print(len({mods!r}))
+    """)
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert int(out.stdout.split()[-1]) == len(mods) >= 25

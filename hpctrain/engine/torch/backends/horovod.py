@@ -6,10 +6,10 @@ import os
 import horovod.torch as hvd
 import torch
 
-from hpctrain.backends.local import LocalBackend
+from hpctrain.engine.torch.backends.base import Backend
 
 
-class HorovodBackend(LocalBackend):
+class HorovodBackend(Backend):
     name = "horovod"
 
     def __init__(self, cfg, cluster, device):

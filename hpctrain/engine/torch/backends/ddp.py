@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from hpctrain.backends.local import LocalBackend
+from hpctrain.engine.torch.backends.base import Backend
 
 
 def _free_port() -> int:
@@ -28,7 +28,7 @@ def _rendezvous(cluster) -> tuple[str, int]:
     return MPI.COMM_WORLD.bcast(mine, root=0)
 
 
-class DDPBackend(LocalBackend):
+class DDPBackend(Backend):
     name = "ddp"
 
     def __init__(self, cfg, cluster, device):

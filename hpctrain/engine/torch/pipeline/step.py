@@ -1,6 +1,6 @@
-"""The Trainer, pipelined: the model is split into stages by a partition plan; each rank trains its
-stage of one data-parallel replica. The loop, logging, preemption and checkpoint retention are the
-Trainer's; the step, evaluation and state handling move through the stage grid.
+"""The pipeline step plan: the model is split into stages by a partition plan; each rank trains its
+stage of one data-parallel replica. The Trainer (engine/torch/trainer.py) drives it exactly like the
+data-parallel plan: the step, evaluation and state handling move through the stage grid.
 
 Every rank builds the full model on the CPU (same seed: same initial weights) and moves only its
 stage's blocks to the device. Checkpoints hold the whole model under the usual "model" key (stage
@@ -15,11 +15,12 @@ from torch import nn
 
 from hpctrain import watchdog
 from hpctrain.checkpoint import CheckpointError
-from hpctrain.engine.torch import Classification, Trainer, build_optimizer, to_device
+from hpctrain.engine.torch.pipeline.profile import combine, profile_blocks
+from hpctrain.engine.torch.pipeline.runtime import PipelineStage, as_buffer
+from hpctrain.engine.torch.util import build_optimizer, to_device
 from hpctrain.pipeline.partition import PartitionError, Plan, partition
-from hpctrain.pipeline.profile import combine, profile_blocks
-from hpctrain.pipeline.runtime import PipelineStage, as_buffer
 from hpctrain.pipeline.schedule import activation_slots
+from hpctrain.pipeline.transfer import gather_to_root, scatter_from_root
 
 PLAN_FILE = "pipeline_plan.json"
 
@@ -73,7 +74,7 @@ def describe(plan: Plan) -> str:
     return f"pipeline plan ({plan.method}, bottleneck/lower bound {plan.balance:.3f}): " + "; ".join(parts)
 
 
-def _tied(blocks, plan: Plan) -> dict[tuple[int, ...], list[list[nn.Parameter]]]:
+def tied_parameters(blocks, plan: Plan) -> dict[tuple[int, ...], list[list[nn.Parameter]]]:
     """Parameters held by more than one stage, grouped by the set of stages holding them."""
     owners: dict[int, set[int]] = {}
     params: dict[int, nn.Parameter] = {}
@@ -89,120 +90,122 @@ def _tied(blocks, plan: Plan) -> dict[tuple[int, ...], list[list[nn.Parameter]]]
     return groups
 
 
-class PipelineTrainer(Trainer):
-    def __init__(self, model: nn.Module, train_loader, val_loader, runtime, cfg, task=None):
-        task = task or Classification(cfg.optim.label_smoothing)
+class PipelinePlan:
+    """This rank's stage of the model, its optimizer and the PipelineStage that runs the schedule."""
+
+    def __init__(self, model: nn.Module, train_loader, runtime, cfg, task, autocast):
         self.grid = grid = runtime.backend.grid
-        self.cfg = cfg
-        blocks = task.blocks(model)
-        autocast = self._autocast_for(cfg, runtime.device)
+        self.cfg, self.cluster = cfg, runtime.cluster
+        self.micro_batches = cfg.pipeline.micro_batches
+        self.counts_samples = grid.is_last  # a replica's samples are counted once, by its last stage
+        self.blocks = blocks = task.blocks(model)
         sample = to_device(next(iter(train_loader)), runtime.device)
         log = print if runtime.cluster.rank == 0 else (lambda *_: None)
+        stage_autocast = autocast if cfg.dist.amp == "bf16" else None
         model.to(runtime.device)  # profiled where it will run; blocks of other stages go back to the CPU below
         with watchdog.phase("pipeline profiling"):
-            self.plan = make_plan(blocks, task, sample, grid, cfg, runtime.device, autocast, log)
+            self.plan = make_plan(blocks, task, sample, grid, cfg, runtime.device, stage_autocast, log)
         a, b = self.plan.stages[grid.stage]
         if runtime.device.type != "cpu":
             model.cpu()
         mine = [block for _, block in blocks[a:b]]
-        stage_module = nn.ModuleList(mine)
-        tied = {stages: ps if grid.stage in stages else [] for stages, ps in _tied(blocks, self.plan).items()}
-        super().__init__(stage_module, build_optimizer(stage_module, cfg.optim), train_loader, val_loader,
-                         runtime, cfg, task)
+        self.model = nn.ModuleList(mine).to(runtime.device)  # this rank's stage
+        self.full = model  # every stage's blocks; rank 0 fills it with the whole state at each save
+        self.optimizer = build_optimizer(self.model, cfg.optim)
+        tied = {stages: ps if grid.stage in stages else [] for stages, ps in tied_parameters(blocks, self.plan).items()}
         self.stage = PipelineStage(mine, grid, task, runtime.device, cfg.pipeline.schedule, cfg.pipeline.micro_batches,
-                                   tied=tied, reducer=cfg.pipeline.allreduce, autocast=self._autocast)
-        self.stage_module, self.model = stage_module, model  # self.model: the whole model (unwrap, save_hf)
-        self.counts_samples = grid.is_last
-        sd = model.state_dict(keep_vars=True)
-        ids = {id(t) for block in mine for t in (*block.parameters(), *block.buffers())}
-        self.owned_keys = [k for k, v in sd.items() if id(v) in ids]
-        self.log(describe(self.plan))
+                                   tied=tied, reducer=cfg.pipeline.allreduce, autocast=autocast)
+        self.owned_keys = [self.keys_of(s) for s in range(len(self.plan.stages))]
+        log(describe(self.plan))
 
-    @staticmethod
-    def _autocast_for(cfg, device):
-        dtype = {"bf16": torch.bfloat16}.get(cfg.dist.amp)
-        return (lambda: torch.autocast(device_type=device.type, dtype=dtype)) if dtype else None
+    def keys_of(self, stage: int) -> list[str]:
+        """State-dict keys of the parameters and buffers a stage holds (tied ones in both stages)."""
+        a, b = self.plan.stages[stage]
+        ids = {id(t) for _, block in self.blocks[a:b] for t in (*block.parameters(), *block.buffers())}
+        return [k for k, v in self.full.state_dict(keep_vars=True).items() if id(v) in ids]
 
-    def micro_batches_per_step(self) -> int:
-        return self.cfg.pipeline.micro_batches
+    def whole_model(self) -> nn.Module:
+        return self.full
 
     # ---- step / evaluation -----------------------------------------------------------------------
-    def train_step(self, micro_batches) -> torch.Tensor:
-        self.model.train()
-        for group in self.optimizer.param_groups:
-            group["lr"] = self.lr(self.step)
+    def run(self, micro_batches, trainer) -> torch.Tensor:
         self.stage.zero_grad()
-        stats = self.stage.step([to_device(b, self.device) for b in micro_batches])
+        stats = self.stage.step([to_device(b, trainer.device) for b in micro_batches])
         self.optimizer.step()
-        self.step += 1
         return stats
 
-    def eval_batch(self, batch) -> torch.Tensor:
+    def eval_batch(self, batch, trainer) -> torch.Tensor:
         return self.stage.forward_only(batch)
 
     def sync_buffers(self) -> None:
         """BatchNorm running statistics averaged over the replicas of this stage."""
         if self.grid.replicas == 1:
             return
-        for buf in self.stage_module.buffers():
+        for buf in self.model.buffers():
             if buf.is_floating_point():
                 host = buf.detach().cpu().clone()
                 self.grid.data.Allreduce(MPI.IN_PLACE, as_buffer(host), op=MPI.SUM)
                 buf.copy_(host / self.grid.replicas)
 
     # ---- state -----------------------------------------------------------------------------------
-    def _gather(self) -> dict | None:
-        """Stage leaders (replica 0) send their weights and optimizer state to rank 0, which returns the
-        whole state (and loads the weights into its full model); the others return None."""
+    def state(self, trainer) -> dict | None:
+        """A collective: stage leaders (replica 0) send their weights and optimizer state to rank 0
+        (mpi4py pkl5: a stage's state may pass 2 GiB), which returns the whole checkpoint (and loads
+        the weights into its full model, for exports); the others return None."""
         part = None
         if self.grid.replica == 0:
-            sd = self.model.state_dict()
-            part = {"model": {k: sd[k].detach().cpu() for k in self.owned_keys},
+            sd = self.full.state_dict()
+            part = {"model": {k: sd[k].detach().cpu() for k in self.owned_keys[self.grid.stage]},
                     "optimizer": self.optimizer.state_dict()}
-        parts = self.grid.world.gather(part, root=0)
+        parts = gather_to_root(self.grid.world, part)
         if parts is None:
             return None
         parts = [q for q in parts if q is not None]  # in stage order: world rank = stage x replicas
-        full = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
+        full = {k: v.detach().cpu() for k, v in self.full.state_dict().items()}
         for q in parts:
             full.update(q["model"])
-        self.model.load_state_dict(full)
-        return {"model": full, "optimizer": None, "scaler": None, "step": self.step, "world_size": self.cluster.size,
-                "config": self.cfg.to_dict(),
+        self.full.load_state_dict(full)
+        return {"model": full, "optimizer": None, "scaler": None, "step": trainer.step,
+                "world_size": trainer.cluster.size, "config": self.cfg.to_dict(),
                 "pipeline": {"plan": self.plan.to_dict(), "optimizers": [q["optimizer"] for q in parts]}}
 
-    def save(self) -> None:
-        with watchdog.phase("checkpoint"):
-            self.sync_buffers()
-            self.write_checkpoint(self._gather())  # gather: collective; rank 0 writes, every rank learns the outcome
-
-    def _resume(self) -> int:
-        mode, state, where = self.cfg.run.resume, None, None
-        if self.cluster.rank == 0:
-            self.remove_stale_temps()
-        if mode != "never" and self.cluster.rank == 0:
-            read = lambda p: torch.load(p, map_location="cpu", weights_only=True)  # noqa: E731
-            found = self.checkpoints.load_latest(read) if mode == "auto" else (Path(mode), self.checkpoints.load(
-                Path(mode), read))
-            if found:
-                where, state = found
-        state = self.grid.world.bcast(state, root=0)  # every stage needs its part of rank 0's checkpoint
-        if state is None:
-            for t in (*self.stage_module.parameters(), *self.stage_module.buffers()):  # replicas start equal
+    def restore(self, found, trainer) -> int:
+        """Rank 0 cuts the checkpoint it read into stage parts and hands each rank only its own stage's
+        weights and optimizer state (a scatter, not a broadcast of the whole model)."""
+        items = None
+        if self.grid.world.Get_rank() == 0:
+            items = self.stage_parts(found, trainer)
+        item = scatter_from_root(self.grid.world, items)
+        if "error" in item:
+            raise CheckpointError(item["error"])
+        if item["step"] is None:  # nothing to resume: replicas start from their replica 0's initial weights
+            for t in (*self.model.parameters(), *self.model.buffers()):
                 host = t.detach().cpu().clone()
                 self.grid.data.Bcast(as_buffer(host), root=0)
                 t.data.copy_(host)
-            return self.step
-        self.model.load_state_dict(state["model"])
+            return trainer.step
+        self.full.load_state_dict(item["model"], strict=False)
+        if item["optimizer"] is not None:
+            self.optimizer.load_state_dict(item["optimizer"])
+        return item["step"]
+
+    def stage_parts(self, found, trainer) -> list[dict]:
+        """Rank 0: one item per world rank (its stage's part of `found`, or why it cannot resume)."""
+        size, per_stage = self.grid.world.Get_size(), self.grid.replicas
+        if not found:
+            return [{"step": None}] * size
+        where, state = found
         pipe = state.get("pipeline")
+        if pipe is not None and [tuple(r) for r in pipe["plan"]["stages"]] != [tuple(r) for r in self.plan.stages]:
+            error = (f"checkpoint {where} was written with stages {pipe['plan']['stages']}, this run's plan has "
+                     f"{self.plan.stages}: pass its plan with --partition {Path(self.cfg.run.run_dir) / PLAN_FILE}")
+            return [{"error": error}] * size
         if pipe is None:
-            self.log("note: checkpoint from a run without pipeline: weights loaded, optimizer state starts fresh")
-        elif [tuple(r) for r in pipe["plan"]["stages"]] != [tuple(r) for r in self.plan.stages]:
-            raise CheckpointError(f"checkpoint {where or mode} was written with stages {pipe['plan']['stages']}, "
-                                  f"this run's plan has {self.plan.stages}: pass its plan with --partition "
-                                  f"{Path(self.cfg.run.run_dir) / PLAN_FILE}")
-        else:
-            self.optimizer.load_state_dict(pipe["optimizers"][self.grid.stage])
-        self.step = int(state["step"])
-        self.log(f"resumed from {where} at step {self.step}")
-        return self.step
+            trainer.log("note: checkpoint from a run without pipeline: weights loaded, optimizer state starts fresh")
+        self.full.load_state_dict(state["model"])
+        step = int(state["step"])
+        trainer.log(f"resumed from {where} at step {step}")
+        parts = [{"step": step, "model": {k: state["model"][k] for k in self.owned_keys[s]},
+                  "optimizer": pipe["optimizers"][s] if pipe is not None else None}
+                 for s in range(len(self.plan.stages))]
+        return [parts[r // per_stage] for r in range(size)]

@@ -1,7 +1,7 @@
 """Pipeline x data parallel: world collectives (metrics, stop agreement, broadcasts) over mpi4py.
 
 Gradients are not combined here: each pipeline stage averages its own over its replicas
-(hpctrain.pipeline.runtime). This backend owns the P x D grid the stages run on."""
+(hpctrain.engine.torch.pipeline.runtime). This backend owns the P x D grid the stages run on."""
 from __future__ import annotations
 
 import sys
@@ -10,11 +10,11 @@ import traceback
 import torch
 from mpi4py import MPI
 
-from hpctrain.backends.local import LocalBackend
-from hpctrain.pipeline.runtime import Grid, as_buffer
+from hpctrain.engine.torch.backends.base import Backend
+from hpctrain.engine.torch.pipeline.runtime import Grid, as_buffer
 
 
-class PipelineBackend(LocalBackend):
+class PipelineBackend(Backend):
     name = "pipeline"
 
     def __init__(self, cfg, cluster, device, stages: int):

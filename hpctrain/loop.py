@@ -1,0 +1,110 @@
+"""The training loop, framework-neutral: epochs, the mid-epoch resume offset, metric windows with one
+reduction per log interval, checkpoint cadence, the agreed stop, and evaluation at each epoch's end.
+
+It drives an engine (the torch Trainer; the TensorFlow one joins it) through the `Engine` protocol
+below and never touches a tensor itself: the engine's per-step statistics are opaque values that
+support `+`, and leave the device only in `reduce_sum`, once per log interval."""
+from __future__ import annotations
+
+import math
+import time
+from typing import Iterator, Protocol
+
+from hpctrain import watchdog
+from hpctrain.config import RunConfig
+from hpctrain.errors import NonFiniteError
+from hpctrain.metrics import MetricsLogger, Throughput
+
+
+class Engine(Protocol):
+    step: int                 # optimizer steps taken (restored by resume)
+    steps_per_epoch: int
+    total_steps: int          # the LR schedule's horizon: steps_per_epoch x epochs
+    micro_batches: int        # batches per optimizer step (accumulation, or pipeline micro-batches)
+    samples_per_step: int     # this rank's samples per optimizer step
+    counts_samples: bool      # False where another rank of the same replica counts them (pipeline stages)
+    data_size: int            # data-parallel replicas
+    has_validation: bool
+    logger: MetricsLogger | None  # given by the loop; the engine logs evaluations and messages to it
+
+    def epoch_batches(self, epoch: int, skip_batches: int) -> Iterator: ...
+    def train_step(self, micro_batches: list): ...           # -> local [loss x n, correct, n], opaque
+    def reduce_sum(self, stats, extra: list[float]) -> list[float]: ...  # one collective: stats + extra
+    def agree(self, flag: bool) -> float: ...                # sum of a flag over ranks
+    def lr(self, step: int) -> float: ...
+    def save(self) -> None: ...
+    def evaluate(self) -> dict: ...
+    def log(self, message: str) -> None: ...
+
+
+def train(engine: Engine, cfg: RunConfig, rank: int, preemption=None) -> dict:
+    """Train to the step limit, or until `preemption` (hpctrain.preempt.Preemption) reports an agreed
+    stop: then save and return with result["stopped_by_signal"] set to the signal's name. A
+    non-finite rank-averaged loss raises NonFiniteError before anything of those weights is saved."""
+    limit = min(engine.total_steps, cfg.max_steps) if cfg.max_steps else engine.total_steps
+    engine.logger = MetricsLogger(cfg.run_dir, enabled=rank == 0, total_steps=limit, progress=cfg.progress,
+                                  tensorboard=cfg.tensorboard, initial_step=engine.step)
+    window = Window(engine)
+    result: dict = {}
+    stopped_by = None
+    while engine.step < limit and stopped_by is None:
+        epoch, offset = divmod(engine.step, engine.steps_per_epoch)
+        epoch_rate = Throughput()
+        batches = engine.epoch_batches(epoch, offset * engine.micro_batches)
+        saved = False
+        for _ in range(offset, engine.steps_per_epoch):
+            window.add(engine.train_step([next(batches) for _ in range(engine.micro_batches)]))
+            watchdog.beat(engine.step)
+            epoch_rate.update(engine.samples_per_step)
+            engine.logger.advance()
+            if engine.step % cfg.log_every == 0 or engine.step == limit:
+                result = window.report(epoch)
+            saved = bool(cfg.checkpoint_every and engine.step % cfg.checkpoint_every == 0)
+            if saved:
+                engine.save()
+            if engine.step >= limit:
+                break
+            # Preemption: all ranks agree at the same step (one collective), so all save and stop together.
+            if preemption is not None and preemption.should_stop(engine.step, cfg.preempt_check_every,
+                                                                 engine.agree):
+                stopped_by = preemption.reason
+                break
+        if not saved:
+            engine.save()  # end of epoch, a stop at max_steps or on a signal: always resumable from here
+        if engine.step % engine.steps_per_epoch == 0:  # also when the stop fell on an epoch's last step
+            engine.logger.log(engine.step, "epoch", {"epoch": epoch, "samples_per_s_rank": epoch_rate.rate()})
+            if cfg.eval_every_epoch and engine.has_validation:
+                result.update(engine.evaluate())
+    if stopped_by is not None:
+        engine.log(f"stopping at step {engine.step} on {stopped_by}: checkpoint saved")
+        return {**result, "stopped_by_signal": stopped_by}
+    return result
+
+
+class Window:
+    """Training statistics since the last log line: summed locally each step, reduced once."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self.stats = None
+        self.steps, self.start = 0, time.perf_counter()
+
+    def add(self, stats) -> None:
+        self.stats = stats if self.stats is None else self.stats + stats
+        self.steps += 1
+
+    def report(self, epoch: int) -> dict:
+        e = self.engine
+        rate = e.samples_per_step * self.steps / (time.perf_counter() - self.start)
+        mine = rate if e.counts_samples else 0.0  # a pipeline replica's samples count once
+        loss_n, correct, n, rates = e.reduce_sum(self.stats, [mine])  # the interval's one collective
+        loss = loss_n / n
+        if not math.isfinite(loss):
+            raise NonFiniteError(f"rank-averaged loss is {loss} at step {e.step} (steps "
+                                 f"{e.step - self.steps + 1}..{e.step}): stopped, these weights "
+                                 "were not saved; lower --lr or check the data")
+        result = {"loss": loss, "accuracy": correct / n, "lr": e.lr(e.step - 1), "epoch": epoch,
+                  "samples_per_s_rank": rates / e.data_size, "samples_per_s_total": rates}
+        e.logger.log(e.step, "train", result)
+        self.stats, self.steps, self.start = None, 0, time.perf_counter()
+        return result
