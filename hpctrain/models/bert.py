@@ -6,16 +6,9 @@ directory instead (offline: never touches the hub).
 """
 from __future__ import annotations
 
-from hpctrain.models.names import BERT_PRESETS
+from hpctrain.models.names import BERT_SIZES
 
-PRESETS = {  # layers, hidden, heads, intermediate
-    "tiny": (2, 128, 2, 512),
-    "mini": (4, 256, 4, 1024),
-    "base": (12, 768, 12, 3072),
-    "large": (24, 1024, 16, 4096),
-}
-if tuple(PRESETS) != BERT_PRESETS:  # not an assert: must hold under python -O too
-    raise ImportError(f"PRESETS {tuple(PRESETS)} and hpctrain.models.names.BERT_PRESETS {BERT_PRESETS} disagree")
+PRESETS = BERT_SIZES  # layers, hidden, heads, intermediate: shared with the TF model
 
 
 def build_bert(preset: str, vocab_size: int, max_positions: int, pad_id: int = 0, dropout: float = 0.1):

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from hpctrain.models.names import RESNET_ARCHS
+from hpctrain.models.names import RESNET_BLOCKS
 
 
 def _conv3x3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
@@ -129,14 +129,9 @@ class _Block(nn.Module):
         return self.fn(x)
 
 
-ARCHS = {
-    "resnet18": (BasicBlock, [2, 2, 2, 2]),
-    "resnet34": (BasicBlock, [3, 4, 6, 3]),
-    "resnet50": (Bottleneck, [3, 4, 6, 3]),
-    "resnet101": (Bottleneck, [3, 4, 23, 3]),
-}
-if tuple(ARCHS) != RESNET_ARCHS:  # not an assert: must hold under python -O too
-    raise ImportError(f"ARCHS {tuple(ARCHS)} and hpctrain.models.names.RESNET_ARCHS {RESNET_ARCHS} disagree")
+# Block kind and blocks per stage from hpctrain.models.names (shared with the TF model).
+ARCHS = {name: ({"basic": BasicBlock, "bottleneck": Bottleneck}[kind], list(counts))
+         for name, (kind, counts) in RESNET_BLOCKS.items()}
 
 
 def build_resnet(arch: str, num_classes: int = 1000, zero_init_residual: bool = False) -> ResNet:

@@ -104,7 +104,7 @@ def good() -> dict:
     # 1 -> 0: rank 1's stage state gathered to rank 0.
     state = big_state(1) if RANK == 1 else {"model": {}, "optimizer": None}
     rec["maxrss_gib"]["built"] = maxrss_gib()
-    parts, rec["gather_s"] = timed(lambda: gather_to_root(WORLD, state))
+    parts, rec["gather_s"] = timed(lambda s=state: gather_to_root(WORLD, s))
     del state
     gc.collect()
     rec["maxrss_gib"]["gather"] = maxrss_gib()

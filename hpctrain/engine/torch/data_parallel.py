@@ -66,9 +66,7 @@ class DataParallel:
             if trainer.scaler and state.get("scaler"):
                 trainer.scaler.load_state_dict(state["scaler"])
             step = int(state["step"])
-            if state.get("world_size") != trainer.cluster.size:
-                trainer.log(f"note: checkpoint was written by {state.get('world_size')} rank(s), "
-                            f"now {trainer.cluster.size}: data order per rank changes from here")
+            trainer.note_world_size(state)
             trainer.log(f"resumed from {where} at step {step}")
         self.backend.broadcast_state(self.model, self.optimizer)
         if trainer.scaler is not None:  # fp16 loss scale: every rank must resume with rank 0's

@@ -1,28 +1,15 @@
 """Process set-up for the torch engine: device by local rank, threads, seed, backend, run-dir lock."""
 from __future__ import annotations
 
-import atexit
 import os
-from dataclasses import dataclass
 
 import torch
 
 from hpctrain import watchdog
 from hpctrain.cluster import ClusterEnv, threads_per_rank, visible_gpu_index
 from hpctrain.config import ConfigError, TrainConfig
+from hpctrain.engine.base import Runtime, lock_run_dir
 from hpctrain.engine.torch.backends import build_backend
-from hpctrain.runlock import RunLock, RunLockError
-
-
-@dataclass
-class Runtime:
-    cluster: ClusterEnv
-    device: torch.device
-    threads: int
-    backend: object
-    data_rank: int = 0  # this rank's data-parallel replica (its rank, unless pipeline stages share a replica)
-    data_size: int = 1  # number of data-parallel replicas (world size / pipeline stages)
-    run_lock: RunLock | None = None  # rank 0's lock on run_dir
 
 
 def setup(cfg: TrainConfig, cluster: ClusterEnv) -> Runtime:
@@ -49,21 +36,3 @@ def setup(cfg: TrainConfig, cluster: ClusterEnv) -> Runtime:
     rt = Runtime(cluster, device, threads, backend, backend.data_rank, backend.data_size)
     rt.run_lock = lock_run_dir(cfg.run.run_dir, rt)
     return rt
-
-
-def lock_run_dir(run_dir: str, rt: Runtime) -> RunLock | None:
-    """Rank 0 holds run_dir's lock for the run's lifetime (released by Trainer.close, at exit on an
-    error, or found stale after a crash); every rank learns the verdict, so a second run into the same
-    directory stops whole."""
-    lock, error = None, None
-    if rt.cluster.rank == 0:
-        try:
-            lock = RunLock(run_dir, job_id=rt.cluster.job_id, restart=rt.cluster.restart_count,
-                           step=rt.cluster.step_id).acquire()
-            atexit.register(lock.release)
-        except RunLockError as e:
-            error = str(e)
-    error = rt.backend.broadcast_object(error)
-    if error:
-        raise RunLockError(error)
-    return lock
