@@ -1,11 +1,17 @@
 #!/usr/bin/env bash
 # One idempotent install: system MPI + compiler, a venv, the pinned Python dependencies
-# (requirements/lock.txt: exact versions with hashes), Horovod built once from source and cached.
+# (requirements/lock.txt: exact versions with hashes: torch, TensorFlow + keras-hub, ...), and ONE Horovod
+# wheel (MPI + Gloo + PyTorch + TensorFlow) built once from source and cached.
 # Every step says what it is doing; the first failure stops with the step's name.
 #   HPCTRAIN_VENV=dir          where the venv goes (default .venv)
 #   HPCTRAIN_TORCH=spec        a site's own torch build, e.g. "torch==2.13.0" with TORCH_INDEX_URL set to
 #                              PyTorch's CUDA wheel index; the rest still comes from the lock
-#   HPCTRAIN_DEPS=latest       newest releases of requirements/base.in instead of the lock (make test-latest)
+#   HPCTRAIN_TF=spec           a site's own TensorFlow, e.g. "tensorflow[and-cuda]==2.21.0" on GPU clusters
+#                              (the lock's tensorflow is the plain wheel, which also runs on CPU-only machines)
+#   HPCTRAIN_DEPS=latest       newest releases of requirements/base.in instead of the lock (make test-latest;
+#                              torch, tensorflow and keras-hub stay at their base.in pins there)
+#   HPCTRAIN_WHEEL_CACHE=dir   where built Horovod wheels are kept (default ~/.cache/hpctrain/wheels)
+#   HOROVOD_GPU_OPERATIONS=NCCL  (exported by the caller) a GPU build of Horovod; cached under its own key
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -14,6 +20,15 @@ LOCK=$ROOT/requirements/lock.txt
 DEPS=${HPCTRAIN_DEPS:-locked}
 WHEEL_CACHE=${HPCTRAIN_WHEEL_CACHE:-$HOME/.cache/hpctrain/wheels}
 HOROVOD_VERSION=$(sed -n 's/^horovod==\([^ ]*\).*/\1/p' "$LOCK")
+# TensorFlow prints oneDNN / CUDA-stub lines at every import. TF_CPP_MIN_LOG_LEVEL quiets older releases;
+# 2.21 logs them through absl before it is initialised, so the script's own TF imports go through quiet().
+export TF_CPP_MIN_LOG_LEVEL=${TF_CPP_MIN_LOG_LEVEL:-2}
+quiet() {  # run "$@" keeping its stdout; show its stderr only if it fails
+  local err rc=0
+  err=$(mktemp); "$@" 2>"$err" || rc=$?
+  [ "$rc" -eq 0 ] || cat "$err" >&2
+  rm -f "$err"; return "$rc"
+}
 
 step=""
 trap 'echo "install.sh: FAILED at step: ${step}" >&2' ERR
@@ -48,12 +63,16 @@ if [ "$DEPS" = latest ]; then
   "${PIP[@]}" --upgrade -r "$VENV/.base-latest.in"
 else
   say "pinned Python dependencies (requirements/lock.txt)"
-  stamp="$(sha256sum "$LOCK" | cut -d' ' -f1) ${HPCTRAIN_TORCH:-}"
+  stamp="$(sha256sum "$LOCK" | cut -d' ' -f1) ${HPCTRAIN_TORCH:-} ${HPCTRAIN_TF:-}"
   if [ "$(cat "$VENV/.hpctrain-lock" 2>/dev/null)" != "$stamp" ]; then
-    drop=horovod  # built below against the installed torch
+    drop=horovod  # built below against the installed torch and tensorflow
     if [ -n "${HPCTRAIN_TORCH:-}" ]; then  # the site's torch (e.g. a CUDA build of the pinned version)
       "${PIP[@]}" ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} "$HPCTRAIN_TORCH"
-      drop="horovod|torch"
+      drop="$drop|torch"
+    fi
+    if [ -n "${HPCTRAIN_TF:-}" ]; then  # the site's TensorFlow (e.g. tensorflow[and-cuda] of the pinned version)
+      "${PIP[@]}" "$HPCTRAIN_TF"
+      drop="$drop|tensorflow"
     fi
     lock_without "$drop" > "$VENV/.lock-install.txt"
     "${PIP[@]}" --require-hashes --no-deps -r "$VENV/.lock-install.txt"
@@ -63,27 +82,56 @@ fi
 say "hpctrain package (editable)"
 (cd / && "$PY" -c "import hpctrain") 2>/dev/null || "${PIP[@]}" --no-build-isolation --no-deps -e .
 
-say "Horovod $HOROVOD_VERSION (MPI + Gloo + PyTorch)"
-if [ "$("$PY" -c "import horovod.torch, horovod; print(horovod.__version__)" 2>/dev/null)" != "$HOROVOD_VERSION" ]; then
-  # The built wheel is tied to the Python and torch it was compiled against: key the cache on both.
-  key=$("$PY" -c "import sys, torch; print(f'py{sys.version_info[0]}{sys.version_info[1]}-torch{torch.__version__}')")
+say "Horovod $HOROVOD_VERSION (MPI + Gloo + PyTorch + TensorFlow, one wheel)"
+if [ "$("$PY" -c "import horovod.torch, horovod.tensorflow, horovod; print(horovod.__version__)" 2>/dev/null)" != "$HOROVOD_VERSION" ]; then
+  # The built wheel is tied to the Python, torch and TensorFlow it was compiled against: key the cache on
+  # all three (and on a GPU build), e.g. py311-torch2.13.0+cpu-tf2.21.0.
+  key=$(quiet "$PY" -c "import sys, torch, tensorflow as tf; print(f'py{sys.version_info[0]}{sys.version_info[1]}-torch{torch.__version__}-tf{tf.__version__}')")
+  gpu_ops=${HOROVOD_GPU_OPERATIONS:-}
+  [ -z "$gpu_ops" ] || key="$key-gpu${gpu_ops,,}"
   cache="$WHEEL_CACHE/$key"
   mkdir -p "$cache"
   if ! ls "$cache"/horovod-$HOROVOD_VERSION-*.whl >/dev/null 2>&1; then
-    say "building Horovod $HOROVOD_VERSION from source (about 6 minutes on 2 cores; cached afterwards in $cache)"
-    CXX="$ROOT/scripts/cxx17-shim.sh" \
-    HOROVOD_WITH_PYTORCH=1 HOROVOD_WITH_MPI=1 HOROVOD_WITH_GLOO=1 HOROVOD_WITHOUT_MXNET=1 \
-    HOROVOD_WITHOUT_TENSORFLOW=${HOROVOD_WITHOUT_TENSORFLOW:-1} HOROVOD_CPU_OPERATIONS=${HOROVOD_CPU_OPERATIONS:-MPI} \
+    say "building Horovod $HOROVOD_VERSION from source (3-8 minutes on 2 cores; cached afterwards in $cache)"
+    # Two workarounds, both needed for one wheel with both frameworks:
+    # - PyTorch >= 2.1 needs C++17 but Horovod 0.28.1 passes -std=c++14: scripts/cxx17-shim.sh (horovod#3996).
+    # - TensorFlow >= 2.19 wheels keep headers xla_mpi_ops.cc includes elsewhere (horovod PR #4302, unreleased):
+    #   highwayhash and farmhash under external/, and the old tensorflow/compiler/xla/client/xla_builder.h
+    #   is now xla/hlo/builder/xla_builder.h (a one-line forwarding header, generated here).
+    TFINC=$(quiet "$PY" -c "import tensorflow as tf; print(tf.sysconfig.get_include())")
+    fwd=$(mktemp -d "${TMPDIR:-/tmp}/hpctrain-tfinc.XXXXXX")
+    trap 'rm -rf "$fwd"' EXIT
+    tf_cxxflags=""
+    for d in "$TFINC/external/highwayhash" "$TFINC/external/farmhash_archive/src"; do
+      [ ! -d "$d" ] || tf_cxxflags="$tf_cxxflags -I$d"
+    done
+    if [ ! -e "$TFINC/tensorflow/compiler/xla/client/xla_builder.h" ] && [ -e "$TFINC/xla/hlo/builder/xla_builder.h" ]; then
+      mkdir -p "$fwd/tensorflow/compiler/xla/client"
+      echo '#include "xla/hlo/builder/xla_builder.h"' > "$fwd/tensorflow/compiler/xla/client/xla_builder.h"
+      tf_cxxflags="$tf_cxxflags -I$fwd"
+    fi
+    env -u HOROVOD_WITHOUT_TENSORFLOW -u HOROVOD_WITHOUT_PYTORCH \
+    CXX="$ROOT/scripts/cxx17-shim.sh" CXXFLAGS="${CXXFLAGS:-}$tf_cxxflags" \
+    HOROVOD_WITH_PYTORCH=1 HOROVOD_WITH_TENSORFLOW=1 HOROVOD_WITH_MPI=1 HOROVOD_WITH_GLOO=1 \
+    HOROVOD_WITHOUT_MXNET=1 HOROVOD_CPU_OPERATIONS=${HOROVOD_CPU_OPERATIONS:-MPI} \
     MAKEFLAGS=-j"$(nproc)" \
       "$PY" -m pip wheel -q --no-build-isolation --no-deps --no-cache-dir --require-hashes -w "$cache" \
         -r <(awk '/^[^ #]/ { skip = ($1 !~ /^horovod==/) } !skip' "$LOCK")
+    rm -rf "$fwd"
   fi
-  "${PIP[@]}" --no-deps "$cache"/horovod-$HOROVOD_VERSION-*.whl
+  # --force-reinstall: pip skips a local wheel of the version already installed (e.g. an older PyTorch-only build)
+  "${PIP[@]}" --no-deps --force-reinstall "$cache"/horovod-$HOROVOD_VERSION-*.whl
 fi
 
-say "verifying Horovod (horovodrun --check-build)"
-out=$(PATH="$VENV/bin:$PATH" "$VENV/bin/horovodrun" --check-build)
-echo "$out" | grep -q "\[X\] PyTorch" || { echo "$out"; false; }
-echo "$out" | grep -q "\[X\] MPI" || { echo "$out"; false; }
+say "verifying Horovod (horovodrun --check-build: MPI, PyTorch and TensorFlow)"
+out=$(PATH="$VENV/bin:$PATH" quiet "$VENV/bin/horovodrun" --check-build)
+for fw in PyTorch TensorFlow MPI; do
+  echo "$out" | grep -q "\[X\] $fw" || {
+    echo "$out"
+    echo "install.sh: Horovod in $VENV lacks $fw ('[ ] $fw' above): delete its wheel under $WHEEL_CACHE/ and rerun" >&2
+    false
+  }
+done
+echo "$out" | grep -E '\[X\] (PyTorch|TensorFlow)' | sed 's/^ */   horovod: /'
 [ -z "$stamp" ] || echo "$stamp" > "$VENV/.hpctrain-lock"
 echo "== install: done ($VENV)"
