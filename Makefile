@@ -7,7 +7,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export OMPI_ALLOW_RUN_AS_ROOT := 1
 export OMPI_ALLOW_RUN_AS_ROOT_CONFIRM := 1
 
-.PHONY: install demo demo-bert test test-unit test-latest lock clean
+.PHONY: install demo demo-tf demo-bert test test-unit test-latest lock clean
 
 install:
 	@bash scripts/install.sh
@@ -15,6 +15,10 @@ install:
 # ResNet-18 on the built-in shapes dataset, 2 ranks, Horovod ring-allreduce; prints top-1 accuracy.
 demo: install
 	horovodrun -np $(NP) python -m hpctrain.resnet --config configs/demo.toml $(ARGS)
+
+# The same ResNet-18 demo on the TensorFlow engine (Keras 3 model from keras-hub, Horovod).
+demo-tf: install
+	horovodrun -np $(NP) python -m hpctrain.resnet --framework tf --config configs/demo.toml --run-dir runs/demo-tf $(ARGS)
 
 # Tiny BERT MLM on the built-in corpus (stdlib docstrings, prepared once into runs/corpus-builtin), 2 ranks.
 demo-bert: install

@@ -99,7 +99,7 @@ class OptimConfig:
 
 @dataclass
 class DistConfig:
-    framework: str = opt("torch", "training framework (the engine that runs the model)", choices=list(FRAMEWORKS))
+    framework: str = opt("torch", "training framework: torch (PyTorch engine) or tf (TensorFlow/Keras 3 engine)", choices=list(FRAMEWORKS))
     backend: str = opt("horovod", "how gradients are combined: horovod (ring-allreduce over MPI/Gloo), "
                                   "ddp (torch.distributed), none (single process)",
                        choices=list(ALL_BACKENDS))
@@ -115,6 +115,7 @@ class DistConfig:
                                    minimum=0.0)
     threads: int = opt(0, "intra-op threads per rank (0 = cores on the node / ranks on the node)",
                        minimum=0)
+    jit_compile: bool = opt(False, "--framework tf: compile the train and eval steps with XLA")
 
 
 @dataclass
@@ -338,6 +339,12 @@ def validate(cfg) -> None:
     if d.backend not in BACKENDS[d.framework]:
         raise ConfigError(f"dist.backend (--backend): {d.backend!r} is not a backend of the {d.framework} engine "
                           f"(allowed with --framework {d.framework}: {', '.join(BACKENDS[d.framework])})")
+    if d.framework != "torch" and cfg.pipeline.stages > 1:
+        raise ConfigError(f"pipeline.stages (--pipeline-stages): {cfg.pipeline.stages} needs --framework torch "
+                          f"(allowed with --framework {d.framework}: 1)")
+    if d.framework != "torch" and getattr(cfg.model, "model_path", ""):
+        raise ConfigError(f"model.model_path (--model-path): a Hugging Face PyTorch model needs --framework torch "
+                          f"(allowed with --framework {d.framework}: a --preset)")
     if getattr(cfg.data, "dataset", None) == "folder" and not cfg.data.path:
         raise ConfigError("data.path (--path): required with --dataset folder (a directory holding train/ and val/)")
     if cfg.dist.adasum and cfg.dist.backend != "horovod":

@@ -1,4 +1,4 @@
-"""Training engines, one package per framework (`engine/torch/`; TensorFlow joins as `engine/tf/`).
+"""Training engines, one package per framework: `engine/torch/` and `engine/tf/`.
 
 This module is framework-neutral: the names config.py validates against, and `load(framework)`,
 which imports an engine only once the flags have been checked (torch starts slowly)."""
@@ -7,7 +7,7 @@ from __future__ import annotations
 import importlib
 
 # The backends each engine offers, first the default. config.py takes its choices from here.
-BACKENDS = {"torch": ("horovod", "ddp", "none")}
+BACKENDS = {"torch": ("horovod", "ddp", "none"), "tf": ("horovod", "none")}
 FRAMEWORKS = tuple(BACKENDS)
 ALL_BACKENDS = tuple(dict.fromkeys(b for names in BACKENDS.values() for b in names))
 

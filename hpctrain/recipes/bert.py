@@ -99,4 +99,30 @@ class Bert(Recipe):
             trainer.log(f"{self.prog}: saved Hugging Face model to {out}")
 
 
+    def tf_model(self, cfg, data: Data):
+        from hpctrain.models.tf.bert import build_bert
+        shards = data.info["shards"]
+        return build_bert(cfg.model.preset, shards.vocab_size, shards.seq_len, cfg.model.dropout)
+
+    def tf_task(self, cfg):
+        from hpctrain.models.tf.bert import MaskedLM
+        return MaskedLM()
+
+    def tf_after(self, trainer, cfg) -> None:
+        """The Keras model (run_dir/keras/model.keras) with the corpus' vocabulary, swapped in whole."""
+        if trainer.cluster.rank != 0:
+            return
+        shards = trainer.data.info["shards"]
+
+        def build(tmp: Path) -> None:
+            trainer.whole_model().save(tmp / "model.keras")
+            for name in ("vocab.txt", "tokenizer.json"):
+                shutil.copy(shards.dir / name, tmp / name)
+            (tmp / "corpus_manifest.json").write_text(json.dumps(shards.manifest, indent=1))
+
+        out = Path(cfg.run.run_dir) / "keras"
+        atomic_replace_dir(out, build)
+        trainer.log(f"{self.prog}: saved Keras model to {out}")
+
+
 RECIPE = Bert()

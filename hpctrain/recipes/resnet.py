@@ -10,8 +10,9 @@ class ResNet(Recipe):
 
     def data(self, cfg, world: World) -> Data:
         d = cfg.data
+        layout = "hwc" if cfg.dist.framework == "tf" else "chw"  # Keras convolutions are channels-last
         train, val = build_image_sources(d.dataset, d.path or None, d.image_size, d.num_classes, cfg.run.seed,
-                                         d.synthetic_size, d.verify, log=world.log)
+                                         d.synthetic_size, d.verify, log=world.log, layout=layout)
         return Data(train, val)
 
     def describe(self, cfg, data: Data, params: int) -> str:
@@ -23,6 +24,15 @@ class ResNet(Recipe):
 
     def torch_task(self, cfg):
         from hpctrain.engine.torch.tasks import Classification
+        return Classification(cfg.optim.label_smoothing)
+
+
+    def tf_model(self, cfg, data: Data):
+        from hpctrain.models.tf.resnet import build_resnet
+        return build_resnet(cfg.model.arch, data.train.num_classes, cfg.data.image_size)
+
+    def tf_task(self, cfg):
+        from hpctrain.models.tf.resnet import Classification
         return Classification(cfg.optim.label_smoothing)
 
 

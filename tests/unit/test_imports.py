@@ -203,7 +203,8 @@ def test_detector_reports_each_cycle(tmp_path):
 
 # Modules that may import a framework: the engines' own packages and the models. Everything else in
 # hpctrain/ is framework-neutral, so a TensorFlow engine reuses it without loading torch (and back).
-FRAMEWORK_SIDE = ("hpctrain.engine.torch", "hpctrain.models.resnet", "hpctrain.models.bert")
+FRAMEWORK_SIDE = ("hpctrain.engine.torch", "hpctrain.engine.tf", "hpctrain.models.resnet", "hpctrain.models.bert",
+                  "hpctrain.models.tf")
 
 
 def neutral_modules() -> list[str]:

@@ -1,0 +1,37 @@
+"""The TensorFlow engine (Keras 3 models, a custom tf.function loop, Horovod or one process):
+`build_trainer(recipe, cfg, cluster)` -> a resumed Trainer for hpctrain.loop.
+
+    runtime.py   setup: GPU per local rank or CPU threads, mixed precision, seeds, backend, run-dir lock
+    backends.py  horovod (grouped allreduce of the gradients), none
+    data.py      the neutral sources and sharded sampler as a tf.data pipeline
+    trainer.py   Trainer: the loop's engine protocol; .npz checkpoints through CheckpointManager
+"""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TF's start-up notices (oneDNN, CUDA stubs) on every rank
+
+from hpctrain.engine.base import announce, open_data  # noqa: E402
+from hpctrain.engine.tf.data import BatchStream  # noqa: E402
+from hpctrain.engine.tf.runtime import setup  # noqa: E402
+from hpctrain.engine.tf.trainer import Trainer  # noqa: E402
+
+__all__ = ["BatchStream", "Trainer", "build_trainer", "setup"]
+
+
+def build_trainer(recipe, cfg, cluster) -> Trainer:
+    """setup -> the recipe's data -> sharded samplers as tf.data -> its Keras model and task -> Trainer
+    -> resume: the torch engine's sequence."""
+    rt = setup(cfg, cluster)
+    data, train_sampler, val_sampler = open_data(recipe, cfg, rt)
+    workers = cfg.data.workers
+    train = BatchStream(data.train, train_sampler, workers)
+    val = BatchStream(data.val, val_sampler, workers) if val_sampler is not None else None
+    model = recipe.tf_model(cfg, data)
+    trainer = Trainer(model, train, val, rt, cfg, recipe.tf_task(cfg))
+    trainer.data = data
+    trainer.after_train = getattr(recipe, "tf_after", None)
+    announce(trainer, recipe, cfg, data, model.count_params())
+    trainer.resume()
+    return trainer

@@ -1,0 +1,121 @@
+"""Backends of the TensorFlow engine: how gradients are combined and how ranks talk.
+
+    allreduce_grads(grads) -> grads     inside the tf.function step: average over ranks
+    broadcast_variables(variables)     rank 0's values to every rank
+    allreduce(values, op)              numpy in, numpy out (metrics, the stop flag, BN statistics)
+    broadcast_object(obj), barrier(), shutdown()
+
+Horovod 0.28.1 and Keras 3: `hvd.DistributedGradientTape` keys gradients by `var.ref()`, which Keras 3
+variables lack (horovod #4290). Two ways around it work here: the tape with the wrapped tf.Variables
+(`v.value`) as sources, or a plain tape and `hvd.grouped_allreduce` on the gradient list. We use the
+second: one fused call, no dependence on Keras' variable internals, and the same call serves gradient
+accumulation (the sum of the micro-batches is reduced once). benchmarks/tf_allreduce.py compares them.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from hpctrain.config import ConfigError
+
+
+class LocalBackend:
+    name = "none"
+
+    def __init__(self, cfg, cluster):
+        self.cfg, self.cluster = cfg, cluster
+        self.rank, self.size = cluster.rank, cluster.size
+        self.data_rank, self.data_size = cluster.rank, cluster.size
+
+    def allreduce_grads(self, grads):
+        return grads
+
+    def broadcast_variables(self, variables) -> None:
+        pass
+
+    def allreduce(self, values: np.ndarray, op: str = "sum") -> np.ndarray:
+        return np.asarray(values, dtype=np.float64)
+
+    def broadcast_object(self, obj):
+        return obj
+
+    def barrier(self) -> None:
+        pass
+
+    def shutdown(self) -> None:
+        pass
+
+
+class HorovodBackend(LocalBackend):
+    name = "horovod"
+
+    def __init__(self, cfg, cluster):
+        super().__init__(cfg, cluster)
+        # The same cycle-time rule as the torch engine (see engine/torch/backends/horovod.py).
+        if cfg.hvd_cycle_time_ms:
+            os.environ["HOROVOD_CYCLE_TIME"] = str(cfg.hvd_cycle_time_ms)
+        elif not cluster_has_gpu():
+            os.environ.setdefault("HOROVOD_CYCLE_TIME", "10")
+        import horovod.tensorflow as hvd
+        self.hvd = hvd
+        hvd.init()
+        self._broadcasts = 0
+        if (hvd.rank(), hvd.size()) != (cluster.rank, cluster.size):
+            raise RuntimeError(f"Horovod sees rank {hvd.rank()} of {hvd.size()} but the launcher says "
+                               f"{cluster.rank} of {cluster.size} ({cluster.launcher}): is Horovod built "
+                               "against the MPI that launched this job?")
+        self.op = hvd.Adasum if cfg.adasum else hvd.Average
+        self.compression = hvd.Compression.fp16 if cfg.fp16_allreduce else hvd.Compression.none
+
+    def allreduce_grads(self, grads):
+        # One fused call per dtype (Horovod's grouped op takes one dtype; a float32 head on a float64
+        # or bfloat16 body would otherwise fail).
+        # Embedding gradients come as IndexedSlices; densify them (Horovod's sparse_as_dense): the grouped
+        # op mishandles a list mixing slices and dense tensors, and one fused dense buffer is faster anyway.
+        import tensorflow as tf
+        grads = [tf.convert_to_tensor(g) if isinstance(g, tf.IndexedSlices) else g for g in grads]
+        out = [None] * len(grads)
+        for dtype in dict.fromkeys(g.dtype for g in grads):
+            idx = [i for i, g in enumerate(grads) if g.dtype == dtype]
+            reduced = self.hvd.grouped_allreduce([grads[i] for i in idx], op=self.op, compression=self.compression)
+            for i, g in zip(idx, reduced):
+                out[i] = g
+        return out
+
+    def broadcast_variables(self, variables) -> None:
+        # Keras 3 variables wrap a tf.Variable (`.value`); Horovod assigns to what it is given.
+        self.hvd.broadcast_variables([getattr(v, "value", v) for v in variables], root_rank=0)
+
+    def allreduce(self, values: np.ndarray, op: str = "sum") -> np.ndarray:
+        out = self.hvd.allreduce(np.asarray(values, dtype=np.float64), op=self.hvd.Sum).numpy()
+        return out / self.size if op == "mean" else out
+
+    def broadcast_object(self, obj):
+        # Named per call, like the torch backend: Horovod otherwise names it after type(obj).
+        self._broadcasts += 1
+        return self.hvd.broadcast_object(obj, root_rank=0, name=f"hpctrain.object.{self._broadcasts}")
+
+    def barrier(self) -> None:
+        # horovod.tensorflow has no barrier(); a scalar allreduce returns only when every rank is in it.
+        self.hvd.allreduce(np.zeros(1), op=self.hvd.Sum, name="hpctrain.barrier")
+
+    def shutdown(self) -> None:
+        self.hvd.shutdown()
+
+
+def cluster_has_gpu() -> bool:
+    import tensorflow as tf
+    return bool(tf.config.list_physical_devices("GPU"))
+
+
+def build_backend(cfg, cluster):
+    if cfg.backend == "horovod":
+        return HorovodBackend(cfg, cluster)
+    if cfg.backend == "none":
+        if cluster.size > 1:
+            raise ConfigError(f"dist.backend (--backend): 'none' runs one process, but the launcher started "
+                              f"{cluster.size} ranks (allowed with several ranks and --framework tf: horovod)")
+        return LocalBackend(cfg, cluster)
+    raise ConfigError(f"dist.backend (--backend): {cfg.backend!r} is not allowed with --framework tf "
+                      "(allowed: horovod, none)")

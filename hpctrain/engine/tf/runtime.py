@@ -1,0 +1,44 @@
+"""Process set-up for the TensorFlow engine: one GPU per local rank (memory growth) or the rank's share
+of the CPU cores, mixed precision policy, seeds, backend, run-dir lock."""
+from __future__ import annotations
+
+import os
+
+from hpctrain import watchdog
+from hpctrain.cluster import ClusterEnv, threads_per_rank, visible_gpu_index
+from hpctrain.config import ConfigError, TrainConfig
+from hpctrain.engine.base import Runtime, lock_run_dir
+
+
+def setup(cfg: TrainConfig, cluster: ClusterEnv) -> Runtime:
+    import keras
+    import tensorflow as tf
+
+    from hpctrain.engine.tf.backends import build_backend
+    d = cfg.dist
+    gpus = tf.config.list_physical_devices("GPU") if d.device != "cpu" else []
+    if d.device == "cuda" and not gpus:
+        raise ConfigError("dist.device (--device): 'cuda' requested but no GPU is visible (allowed here: auto, cpu)")
+    gpu = visible_gpu_index(cluster, len(gpus))
+    if gpu is not None:  # one GPU per rank, chosen by local rank; grow memory instead of taking it all
+        tf.config.set_visible_devices(gpus[gpu], "GPU")
+        tf.config.experimental.set_memory_growth(gpus[gpu], True)
+    else:
+        tf.config.set_visible_devices([], "GPU")
+    device = "GPU:0" if gpu is not None else "CPU:0"
+    if d.amp == "fp16" and gpu is None:
+        raise ConfigError("dist.amp (--amp): 'fp16' needs a GPU (allowed on CPU: none, bf16)")
+    threads = d.threads or threads_per_rank(cluster)
+    tf.config.threading.set_intra_op_parallelism_threads(threads)  # ranks sharing a node split its cores
+    tf.config.threading.set_inter_op_parallelism_threads(min(2, threads))
+    if d.amp != "none":
+        keras.mixed_precision.set_global_policy({"bf16": "mixed_bfloat16", "fp16": "mixed_float16"}[d.amp])
+    keras.utils.set_random_seed(cfg.run.seed)
+    if cfg.run.deterministic:
+        tf.config.experimental.enable_op_determinism()
+    for name, value in watchdog.launcher_defaults(cfg.run.hang_timeout).items():
+        os.environ.setdefault(name, value)  # read by Horovod at init; the user's own settings win
+    backend = build_backend(d, cluster)
+    rt = Runtime(cluster, device, threads, backend, backend.data_rank, backend.data_size)
+    rt.run_lock = lock_run_dir(cfg.run.run_dir, rt)
+    return rt

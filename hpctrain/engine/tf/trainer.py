@@ -1,0 +1,167 @@
+"""The TensorFlow engine's Trainer: hpctrain.loop's protocol over a Keras 3 model, a custom loop.
+
+One `tf.function` step (jit_compile off unless asked): forward/backward per micro-batch with a plain
+GradientTape, gradients summed over the micro-batches, combined by the backend once (Horovod's
+grouped allreduce), applied by the Keras optimizer. Keras' `fit` is not used: with Keras 3 it is
+broken under Horovod's Keras wrappers and tf.distribute (see the TF facts note), and one custom loop
+serves every backend."""
+from __future__ import annotations
+
+import io
+import json
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from hpctrain import watchdog
+from hpctrain.config import ConfigError
+from hpctrain.engine.base import EngineBase
+
+
+def build_optimizer(model, cfg):
+    """SGD (momentum) or AdamW; no weight decay on biases and normalisation parameters, as in torch.
+    Keras applies weight decay decoupled (w -= lr x wd x w) for both."""
+    if cfg.optimizer == "sgd":
+        opt = keras.optimizers.SGD(learning_rate=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay or None)
+    elif cfg.optimizer == "adamw":
+        opt = keras.optimizers.AdamW(learning_rate=cfg.lr, weight_decay=cfg.weight_decay)
+    else:
+        raise ConfigError(f"optim.optimizer (--optimizer): {cfg.optimizer!r} is not allowed (allowed: sgd, adamw)")
+    if cfg.weight_decay:
+        opt.exclude_from_weight_decay(var_list=[v for v in model.trainable_variables if len(v.shape) <= 1])
+    return opt
+
+
+class Trainer(EngineBase):
+    checkpoint_suffix = ".npz"
+
+    def __init__(self, model, train_stream, val_stream, runtime, cfg, task):
+        super().__init__(runtime, cfg, train_stream.sampler, cfg.dist.accumulate, True, val_stream is not None)
+        self.model, self.task = model, task
+        self.train_stream, self.val_stream = train_stream, val_stream
+        self.optimizer = build_optimizer(model, cfg.optim)
+        if cfg.dist.amp == "fp16":  # fp16 gradients underflow without loss scaling; bf16 needs none
+            self.optimizer = keras.optimizers.LossScaleOptimizer(self.optimizer)
+        self.optimizer.build(model.trainable_variables)  # slots now, so resume and broadcast cover them
+        self._step_fn = tf.function(self._step, jit_compile=cfg.dist.jit_compile, reduce_retracing=True)
+        self._eval_fn = tf.function(self._eval, jit_compile=cfg.dist.jit_compile, reduce_retracing=True)
+
+    # ---- the step ----------------------------------------------------------------------------------
+    def _step(self, micro_batches):
+        variables = self.model.trainable_variables
+        n = len(micro_batches)
+        total, stats = None, tf.zeros(3, tf.float64)
+        for batch in micro_batches:  # unrolled in the graph: gradients summed locally, reduced once
+            with tf.GradientTape() as tape:
+                loss, batch_stats = self.task(self.model, batch, training=True)
+                scaled = loss / n  # mean over the whole accumulated batch
+                if isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer):
+                    scaled = self.optimizer.scale_loss(scaled)
+            grads = tape.gradient(scaled, variables)
+            total = grads if total is None else [None if a is None else a + b for a, b in zip(total, grads)]
+            stats += batch_stats
+        # Variables the loss does not reach (BERT's unused pooler) have no gradient, the same on every rank.
+        pairs = [(g, v) for g, v in zip(total, variables) if g is not None]
+        reduced = self.backend.allreduce_grads([g for g, _ in pairs])
+        self.optimizer.apply_gradients(zip(reduced, [v for _, v in pairs]))
+        return stats
+
+    def _eval(self, batch):
+        return self.task(self.model, batch, training=False)[1]
+
+    # ---- the loop's engine protocol ------------------------------------------------------------------
+    def epoch_batches(self, epoch: int, skip_batches: int):
+        return self.train_stream.epoch(epoch, skip_batches)
+
+    def train_step(self, micro_batches):
+        self.optimizer.learning_rate.assign(self.lr(self.step))
+        stats = self._step_fn(tuple(micro_batches))
+        self.step += 1
+        return stats
+
+    def reduce_sum(self, stats, extra: list[float]) -> list[float]:
+        return self.backend.allreduce(np.concatenate([np.asarray(stats, np.float64), extra]), "sum").tolist()
+
+    def agree(self, flag: bool) -> float:
+        return float(self.backend.allreduce(np.array([float(flag)]), "sum")[0])
+
+    def evaluate(self) -> dict:
+        """Top-1 over the whole validation set: each rank scores its shard, counts are summed."""
+        self.sync_buffers()
+        stats = np.zeros(3)
+        for batch in self.val_stream.epoch():
+            stats += self._eval_fn(batch).numpy()
+            watchdog.beat()
+        loss_n, correct, n = self.reduce_sum(stats, [])
+        metrics = {"val_loss": loss_n / max(1.0, n), "val_top1": correct / max(1.0, n), "val_samples": int(n)}
+        if self.logger:
+            self.logger.log(self.step, "eval", metrics)
+        return metrics
+
+    def sync_buffers(self) -> None:
+        """Average BatchNorm moving statistics so every rank evaluates and saves the same model."""
+        if self.backend.size == 1:
+            return
+        for v in self.model.non_trainable_variables:
+            if "float" in str(v.dtype):
+                value = np.asarray(v)
+                v.assign(self.backend.allreduce(value, "mean").astype(value.dtype))
+
+    def whole_model(self):
+        return self.model
+
+    # ---- state ---------------------------------------------------------------------------------------
+    def state(self) -> dict | None:
+        if self.cluster.rank != 0:
+            return None
+        return {"model": [np.asarray(v) for v in self.model.weights],
+                "optimizer": [np.asarray(v) for v in self.optimizer.variables],
+                "step": self.step, "world_size": self.cluster.size, "config": self.cfg.to_dict()}
+
+    @staticmethod
+    def write_state(state: dict, f) -> None:
+        arrays = {f"model/{i}": a for i, a in enumerate(state["model"])}
+        arrays.update({f"optimizer/{i}": a for i, a in enumerate(state["optimizer"])})
+        meta = {k: v for k, v in state.items() if k not in ("model", "optimizer")}
+        buf = io.BytesIO()  # np.savez needs a seekable file; the manager's temp file is written once
+        np.savez(buf, meta=np.array(json.dumps(meta)), **arrays)
+        f.write(buf.getbuffer())
+
+    @staticmethod
+    def read_state(path) -> dict:
+        with np.load(path, allow_pickle=False) as z:
+            def series(prefix):
+                keys = sorted((k for k in z.files if k.startswith(prefix + "/")), key=lambda k: int(k.split("/")[1]))
+                return [z[k] for k in keys]
+            return {**json.loads(str(z["meta"])), "model": series("model"), "optimizer": series("optimizer")}
+
+    @staticmethod
+    def nonfinite(state: dict) -> str | None:
+        bad = [i for i, a in enumerate(state["model"]) if a.dtype.kind == "f" and not np.isfinite(a).all()]
+        return f"{len(bad)} weight(s), e.g. model weight #{bad[0]}" if bad else None
+
+    def restore(self, found) -> int:
+        """Rank 0 loads `found`; then every rank takes rank 0's weights, optimizer slots and step."""
+        step = self.step
+        if found:
+            where, state = found
+            if len(state["model"]) != len(self.model.weights):
+                raise_mismatch(where, "weights", len(state["model"]), len(self.model.weights))
+            self.model.set_weights(state["model"])
+            if len(state["optimizer"]) == len(self.optimizer.variables):
+                for v, a in zip(self.optimizer.variables, state["optimizer"]):
+                    v.assign(a)
+            else:
+                self.log(f"note: optimizer state of {where} does not fit this optimizer: it starts fresh")
+            step = int(state["step"])
+            self.note_world_size(state)
+            self.log(f"resumed from {where} at step {step}")
+        self.backend.broadcast_variables([*self.model.weights, *self.optimizer.variables])
+        return self.backend.broadcast_object(step)
+
+
+def raise_mismatch(where, what, got, want):
+    from hpctrain.checkpoint import CheckpointError
+    raise CheckpointError(f"checkpoint {where} holds {got} {what}, this model has {want}: written by another "
+                          "model or --arch/--preset")

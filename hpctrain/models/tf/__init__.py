@@ -1,0 +1,1 @@
+"""Keras 3 models for the TensorFlow engine, built from keras-hub backbones (no download)."""

@@ -1,0 +1,123 @@
+"""Run under a launcher. The TF engine's gradient path (sampler -> tf.data -> Trainer.train_step ->
+Horovod grouped allreduce -> Keras optimizer) must give the same weights as one process doing
+full-batch SGD on the union of every rank's micro-batches, identical on every rank; rank 0's weights
+and optimizer slots must reach every rank at resume. Several variants in one process (TF starts slowly).
+
+    mpirun -np 2 python tests/parallel/worker_tf_trainer.py
+Prints one line `OK <rank> <json>` per rank; any mismatch raises (non-zero exit).
+"""
+import json
+import os
+import sys
+import tempfile
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+from hpctrain.cluster import detect  # noqa: E402
+from hpctrain.config import TrainConfig  # noqa: E402
+from hpctrain.data.sharding import ShardedBatchSampler  # noqa: E402
+from hpctrain.engine.tf import BatchStream, Trainer, setup  # noqa: E402
+from hpctrain.engine.tf.backends import HorovodBackend  # noqa: E402
+from hpctrain.engine.tf.trainer import build_optimizer  # noqa: E402
+from hpctrain.models.tf.resnet import Classification, build_resnet  # noqa: E402
+
+
+class Table:
+    """In-memory dataset addressed by (index, epoch) keys, like the real sources."""
+
+    def __init__(self, x, y):
+        self.x, self.y = x, y
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, key):
+        return self.x[key[0]], self.y[key[0]]
+
+
+def flat(variables) -> np.ndarray:
+    return np.concatenate([np.asarray(v, np.float64).ravel() for v in variables])
+
+
+def variant(rt, cluster, name, accumulate=1, fp16_allreduce=False, model="mlp", steps=3):
+    r, n = cluster.rank, cluster.size
+    cfg = TrainConfig()
+    cfg.run.run_dir = tempfile.mkdtemp()
+    cfg.dist.backend, cfg.dist.accumulate, cfg.dist.fp16_allreduce = "horovod", accumulate, fp16_allreduce
+    cfg.optim.lr, cfg.optim.momentum, cfg.optim.weight_decay = 0.1, 0.9, 0.0
+    cfg.optim.warmup_epochs, cfg.optim.schedule, cfg.optim.lr_scaling = 0, "constant", "none"
+    cfg.data.batch_size = 4
+    rt.backend = HorovodBackend(cfg.dist, cluster)  # compression is the backend's: one per variant
+    rng = np.random.default_rng(0)
+    keras.utils.set_random_seed(1000 + r)  # different init per rank: the resume broadcast must fix it
+    if model == "mlp":
+        x, y = rng.normal(size=(96, 8)), rng.integers(0, 3, 96)
+        net = keras.Sequential([keras.Input((8,)), keras.layers.Dense(16, activation="tanh"), keras.layers.Dense(3)])
+    else:
+        x, y = rng.normal(size=(48, 32, 32, 3)).astype(np.float32), rng.integers(0, 10, 48)
+        net = build_resnet("resnet18", 10, 32)
+    sampler = ShardedBatchSampler(len(x), r, n, cfg.data.batch_size, seed=7)
+    trainer = Trainer(net, BatchStream(Table(x, y), sampler), None, rt, cfg, Classification())
+    for v in trainer.optimizer.variables:  # per-rank optimizer state: rank 0's must win at resume
+        v.assign(np.full(v.shape, float(r + 1), dtype=np.asarray(v).dtype))
+    trainer.resume()  # a fresh dir: nothing to load, rank 0's weights and slots go to every rank
+    slots = flat(trainer.optimizer.variables)
+    assert np.all(rt.backend.allreduce(slots, "mean") == slots), f"rank {r}: optimizer state not broadcast"
+
+    out = {"variant": name}
+    if model == "mlp":
+        ref = keras.models.clone_model(net)
+        ref.set_weights(net.get_weights())
+        ref_opt = build_optimizer(ref, cfg.optim)
+        ref_opt.build(ref.trainable_variables)
+        for v, w in zip(ref_opt.variables, trainer.optimizer.variables):  # the broadcast momentum buffers
+            v.assign(np.asarray(w))
+        ref_opt.learning_rate.assign(cfg.optim.lr)  # the trainer sets its own each step
+        task = Classification()
+        others = [ShardedBatchSampler(len(x), q, n, cfg.data.batch_size, seed=7) for q in range(n)]
+        ref_batches = [iter(s) for s in others]
+    batches = trainer.epoch_batches(0, 0)
+    for _ in range(steps):
+        trainer.train_step([next(batches) for _ in range(accumulate)])
+        if model == "mlp":  # one process: the union of every rank's micro-batches, mean loss, one step
+            idx = [i for it in ref_batches for _ in range(accumulate) for i, _ in next(it)]
+            with tf.GradientTape() as tape:
+                loss, _ = task(ref, (tf.constant(x[idx]), tf.constant(y[idx])), training=True)
+            ref_opt.apply_gradients(zip(tape.gradient(loss, ref.trainable_variables), ref.trainable_variables))
+    trainer.sync_buffers()  # BatchNorm statistics: equal on every rank before a save or an evaluation
+    mine = flat(trainer.model.weights)
+    spread = float(np.abs(mine - rt.backend.allreduce(mine, "mean")).max())
+    assert spread == 0.0, f"rank {r} ({name}): weights differ across ranks by {spread}"
+    out["spread"] = spread
+    if model == "mlp":
+        diff = float(np.abs(mine - flat(ref.weights)).max())
+        tol = 2e-3 if fp16_allreduce else 1e-5
+        assert diff < tol, f"rank {r} ({name}): differs from the single-process full-batch result by {diff}"
+        out["diff_vs_single_process"] = diff
+    trainer.close(collective=False)
+    return out
+
+
+def main():
+    keras.config.set_floatx("float64")  # the MLP in float64: only the reduction order may differ
+    keras.config.set_dtype_policy("float64")
+    cluster = detect()
+    cfg = TrainConfig()
+    cfg.run.run_dir = tempfile.mkdtemp()
+    rt = setup(cfg, cluster)
+    results = [variant(rt, cluster, "plain"), variant(rt, cluster, "accumulate2", accumulate=2),
+               variant(rt, cluster, "fp16_allreduce", fp16_allreduce=True)]
+    keras.config.set_floatx("float32")
+    keras.config.set_dtype_policy("float32")
+    results.append(variant(rt, cluster, "resnet18_batchnorm", model="resnet", steps=2))
+    sys.stdout.write(f"OK {cluster.rank} {json.dumps({'size': cluster.size, 'launcher': cluster.launcher, 'results': results})}\n")
+    sys.stdout.flush()
+    rt.backend.barrier()
+
+
+if __name__ == "__main__":
+    main()
