@@ -1,7 +1,8 @@
 """How the TF engine combines gradients under Horovod 0.28.1 + Keras 3 (horovod #4290: the usual
 `DistributedGradientTape` path calls `var.ref()`, which Keras 3 variables lack). Two routes work:
 
-  grouped  plain tf.GradientTape, then hvd.grouped_allreduce(grads, op=Average): what hpctrain uses
+  each     plain tf.GradientTape, then one hvd.allreduce per gradient (Horovod fuses them): what hpctrain uses
+  grouped  plain tf.GradientTape, then one hvd.grouped_allreduce over all gradients
   tape     hvd.DistributedGradientTape with the wrapped tf.Variables (`v.value`) as the tape's sources
   none     the same step without any communication (each rank alone: the ceiling for this world size)
 
@@ -38,26 +39,30 @@ def worker(a) -> None:
     x = tf.random.normal((a.batch_size, a.image_size, a.image_size, 3))
     y = tf.random.uniform((a.batch_size,), 0, 10, dtype=tf.int64)
     rows = {}
-    for mode in ("none", "grouped", "tape", "grouped"):  # grouped twice: first and last, to see drift
-        model = build_resnet("resnet18", 10, a.image_size)
-        opt = keras.optimizers.SGD(0.01, momentum=0.9)
-        opt.build(model.trainable_variables)
+    def make_step(mode, model, opt):
         variables = model.trainable_variables
 
         @tf.function
-        def step(mode=mode, model=model, opt=opt, variables=variables):
+        def step():
             with tf.GradientTape() as tape:
                 loss, _ = task(model, (x, y), training=True)
             if mode == "tape":
-                dtape = hvd.DistributedGradientTape(tape)
-                grads = dtape.gradient(loss, [v.value for v in variables])
+                grads = hvd.DistributedGradientTape(tape).gradient(loss, [v.value for v in variables])
             else:
                 grads = tape.gradient(loss, variables)
                 if mode == "grouped":
                     grads = hvd.grouped_allreduce(grads, op=hvd.Average)
+                elif mode == "each":
+                    grads = [hvd.allreduce(g, op=hvd.Average) for g in grads]
             opt.apply_gradients(zip(grads, variables))
             return loss
+        return step
 
+    for mode in ("none", "each", "grouped", "tape", "each"):  # "each" twice: first and last, to see drift
+        model = build_resnet("resnet18", 10, a.image_size)
+        opt = keras.optimizers.SGD(0.01, momentum=0.9)
+        opt.build(model.trainable_variables)
+        step = make_step(mode, model, opt)
         for _ in range(3):
             step()
         hvd.allreduce(tf.constant(0.0), name=f"sync.{mode}.{len(rows)}")  # start the window together

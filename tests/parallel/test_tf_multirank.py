@@ -1,5 +1,5 @@
 """The TensorFlow engine under real mpirun and horovodrun (2 ranks): gradients equal single-process
-full-batch training (plain, accumulation, fp16 compression), weights and optimizer state identical on
+full-batch training (plain, accumulation, fp16 compression; Adasum agrees across ranks), weights and optimizer state identical on
 both ranks, BatchNorm statistics synced."""
 import pytest
 
@@ -15,7 +15,7 @@ def test_tf_horovod_gradients_match_single_process(launcher):
     for rank, r in res.items():
         assert r["size"] == 2
         got = {v["variant"]: v for v in r["results"]}
-        assert set(got) == {"plain", "accumulate2", "fp16_allreduce", "resnet18_batchnorm"}
+        assert set(got) == {"plain", "accumulate2", "fp16_allreduce", "adasum", "resnet18_batchnorm"}
         assert got["plain"]["diff_vs_single_process"] < 1e-5
         assert got["accumulate2"]["diff_vs_single_process"] < 1e-5
         assert got["fp16_allreduce"]["diff_vs_single_process"] < 2e-3

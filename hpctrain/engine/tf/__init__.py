@@ -2,7 +2,7 @@
 `build_trainer(recipe, cfg, cluster)` -> a resumed Trainer for hpctrain.loop.
 
     runtime.py   setup: GPU per local rank or CPU threads, mixed precision, seeds, backend, run-dir lock
-    backends.py  horovod (grouped allreduce of the gradients), none
+    backends.py  horovod (one allreduce per gradient, fused by Horovod; Adasum, fp16 compression), none
     data.py      the neutral sources and sharded sampler as a tf.data pipeline
     trainer.py   Trainer: the loop's engine protocol; .npz checkpoints through CheckpointManager
 """

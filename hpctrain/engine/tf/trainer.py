@@ -1,8 +1,8 @@
 """The TensorFlow engine's Trainer: hpctrain.loop's protocol over a Keras 3 model, a custom loop.
 
 One `tf.function` step (jit_compile off unless asked): forward/backward per micro-batch with a plain
-GradientTape, gradients summed over the micro-batches, combined by the backend once (Horovod's
-grouped allreduce), applied by the Keras optimizer. Keras' `fit` is not used: with Keras 3 it is
+GradientTape, gradients summed over the micro-batches, combined by the backend once (one Horovod
+allreduce per gradient, see backends.py), applied by the Keras optimizer. Keras' `fit` is not used: with Keras 3 it is
 broken under Horovod's Keras wrappers and tf.distribute (see the TF facts note), and one custom loop
 serves every backend."""
 from __future__ import annotations
