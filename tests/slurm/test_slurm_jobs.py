@@ -255,3 +255,32 @@ def test_pipeline_template_refuses_indivisible_world(slurm, tmp_path):
     assert (info["JobState"], info["ExitCode"]) == ("FAILED", "2:0"), text
     assert "hpctrain: error: PIPELINE_STAGES=2 does not divide the 3 ranks of this job" in text
     assert "hpctrain.resnet" not in text and not (tmp_path / "runs").exists()
+
+
+def test_tf_8node_template_preempted_requeues_and_resumes(slurm, tmp_path):
+    # The unchanged template with --framework tf on all 8 nodes: USR1 -> agreed stop -> save -> exit 85 ->
+    # requeue -> resume from the .npz checkpoint -> done; every step once. 1024 samples / 8 ranks / batch 8
+    # = 16 steps per epoch, 2 epochs; the ranks agree on a stop every 2 steps.
+    run_dir, out = tmp_path / "run", tmp_path / "job.out"
+    job = sbatch(slurm, ["--output", str(out), TEMPLATE, *TINY, "--framework", "tf", "--synthetic-size", "1024",
+                         "--epochs", "2", "--preempt-check-every", "2", "--run-dir", str(run_dir)],
+                 HPCTRAIN_SITE="testcluster")
+    deadline = time.monotonic() + 300
+    while len(_train_steps(run_dir)) < 3:
+        assert time.monotonic() < deadline, "no progress\n" + diagnostics(slurm, out)
+        assert job_info(slurm, job)["JobState"] in ("PENDING", "RUNNING"), diagnostics(slurm, out)
+        time.sleep(0.5)
+    slurm.run("scancel", "--signal=USR1", "--batch", job)
+    info = wait_for_job(slurm, job, timeout=420, output=out)
+    text = out.read_text()
+    assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "1"), diagnostics(slurm, out)
+    assert "hpctrain.resnet: slurm launcher, 8 rank(s) on 8 node(s)" in text and "horovod backend, device CPU:0" in text
+    stop = int(text.split("stopping at step ")[1].split()[0])
+    assert 3 <= stop < 32 and stop % 2 == 0, text[-3000:]
+    expected = [f"stopping at step {stop} on SIGUSR1: checkpoint saved", "exit 85 (requeue to resume)",
+                f"requeueing job {job}", "restart 1 on 8 node(s)", f"ckpt-{stop:08d}.npz at step {stop}",
+                "done at step 32"]
+    positions = [text.find(e) for e in expected]
+    assert all(p >= 0 for p in positions) and positions == sorted(positions), list(zip(expected, positions))
+    assert [r["step"] for r in _train_steps(run_dir)] == list(range(1, 33))  # none lost or repeated
+    assert (run_dir / "checkpoints" / "ckpt-00000032.npz").exists()
