@@ -2,7 +2,10 @@
 as in Horovod's own pytorch_synthetic_benchmark.py. Same model code, no hpctrain machinery.
 
     mpirun -np 2 python benchmarks/plain_horovod.py --arch resnet18 --batch-size 32 --steps 12
+    horovodrun -np 1 python benchmarks/plain_horovod.py --device cuda --amp fp16 --arch resnet50 --image-size 224 --batch-size 256
 Prints one JSON line (rank 0): samples/s per rank and in total, after 2 warm-up steps.
+--device cuda takes the GPU of the local rank; --amp bf16|fp16 runs forward and loss under autocast, fp16
+with a GradScaler stepped the way Horovod needs (synchronize, unscale, step without re-syncing).
 """
 import argparse
 import json
@@ -23,32 +26,59 @@ p.add_argument("--batch-size", type=int, default=32)
 p.add_argument("--image-size", type=int, default=64)
 p.add_argument("--steps", type=int, default=12)
 p.add_argument("--threads", type=int, default=1)
+p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+p.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none")
 a = p.parse_args()
+if a.amp == "fp16" and a.device != "cuda":
+    p.error("--amp fp16 needs --device cuda")
 
 hvd.init()
 torch.set_num_threads(a.threads)
 torch.manual_seed(0)
-model = build_resnet(a.arch, 10)
+if a.device == "cuda":
+    torch.cuda.set_device(hvd.local_rank())
+device = torch.device(a.device, hvd.local_rank()) if a.device == "cuda" else torch.device("cpu")
+dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(a.amp)
+scaler = torch.amp.GradScaler("cuda") if a.amp == "fp16" else None
+model = build_resnet(a.arch, 10).to(device)
 opt = torch.optim.SGD(model.parameters(), lr=0.01 * hvd.size(), momentum=0.9)
 opt = hvd.DistributedOptimizer(opt, named_parameters=model.named_parameters())
 hvd.broadcast_parameters(model.state_dict(), root_rank=0)
 hvd.broadcast_optimizer_state(opt, root_rank=0)
-x = torch.randn(a.batch_size, 3, a.image_size, a.image_size)
-y = torch.randint(0, 10, (a.batch_size,))
+x = torch.randn(a.batch_size, 3, a.image_size, a.image_size, device=device)
+y = torch.randint(0, 10, (a.batch_size,), device=device)
 
 
 def step():
     opt.zero_grad()
-    F.cross_entropy(model(x), y).backward()
-    opt.step()
+    with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+        loss = F.cross_entropy(model(x), y)
+    if scaler is None:
+        loss.backward()
+        opt.step()
+        return
+    scaler.scale(loss).backward()
+    opt.synchronize()
+    scaler.unscale_(opt)
+    with opt.skip_synchronize():
+        scaler.step(opt)
+    scaler.update()
+
+
+def sync():
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 for _ in range(2):
     step()
+sync()
 t = time.perf_counter()
 for _ in range(a.steps - 2):
     step()
+sync()
 rate = a.batch_size * (a.steps - 2) / (time.perf_counter() - t)
 total = hvd.allreduce(torch.tensor(rate), op=hvd.Sum, name="rate").item()
 if hvd.rank() == 0:
-    print(json.dumps({"samples_per_s_rank": total / hvd.size(), "samples_per_s_total": total}), flush=True)
+    print(json.dumps({"samples_per_s_rank": total / hvd.size(), "samples_per_s_total": total,
+                      "device": a.device, "amp": a.amp}), flush=True)
