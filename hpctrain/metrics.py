@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+import types
 import time
 from pathlib import Path
 
@@ -61,6 +62,20 @@ def drop_records_after(path: Path, step: int) -> int:
     return dropped
 
 
+def event_writer(directory: Path):
+    """TensorBoard's numpy-only event writer, kept from importing TensorFlow.
+
+    tensorboard resolves its file I/O through `tensorboard.compat.tf`, which imports TensorFlow whenever it
+    is installed (it is, for the TF engine): 2-3 s, hundreds of MB and a screen of TF start-up lines in every
+    PyTorch run. The module `tensorboard.compat.notf` is tensorboard's own switch to its TF-free stub (its
+    `no_tensorflow` build target provides it; see tensorboard/compat/__init__.py); we register an empty one
+    unless TF is already loaded. Tested against the pinned tensorboard (tests/unit/test_lr_schedule_metrics.py)."""
+    if "tensorflow" not in sys.modules:
+        sys.modules.setdefault("tensorboard.compat.notf", types.ModuleType("tensorboard.compat.notf"))
+    from tensorboard.summary import Writer
+    return Writer(str(directory))
+
+
 class MetricsLogger:
     def __init__(self, run_dir: str | Path, enabled: bool, total_steps: int, progress: str = "auto",
                  tensorboard: bool = True, initial_step: int = 0):
@@ -75,8 +90,7 @@ class MetricsLogger:
         dropped = drop_records_after(run_dir / "metrics.jsonl", initial_step)
         self.jsonl = open(run_dir / "metrics.jsonl", "a", buffering=1)
         if tensorboard:
-            from tensorboard.summary import Writer  # numpy-only writer: no framework import
-            self.tb = Writer(str(run_dir / "tb"))
+            self.tb = event_writer(run_dir / "tb")
         show = progress == "always" or (progress == "auto" and sys.stderr.isatty())
         if show:
             self.bar = tqdm(total=total_steps, initial=initial_step, unit="step", dynamic_ncols=True)

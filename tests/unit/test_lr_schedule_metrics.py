@@ -1,4 +1,6 @@
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -54,3 +56,19 @@ def test_resume_drops_the_records_it_will_redo_and_a_torn_line(tmp_path):
     logger.log(2, "train", {"loss": 1.0})
     logger.close()
     assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2]
+
+
+def test_tensorboard_events_without_importing_tensorflow(tmp_path):
+    # TensorFlow is installed (the TF engine): tensorboard would import it for its file I/O unless told not to.
+    code = ("import sys; from pathlib import Path; from hpctrain.metrics import MetricsLogger; "
+            f"m = MetricsLogger({str(tmp_path)!r}, enabled=True, total_steps=2, progress='never'); "
+            "m.log(1, 'train', {'loss': 2.5}); m.close(); "
+            "assert 'tensorflow' not in sys.modules, 'tensorflow imported'; "
+            f"print(sum(f.stat().st_size for f in Path({str(tmp_path)!r}, 'tb').glob('events.out.tfevents.*')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert int(out.stdout.split()[-1]) > 0  # the scalar was written
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+    events = [e for f in (tmp_path / "tb").glob("events.out.tfevents.*") for e in EventFileLoader(str(f)).Load()]
+    values = [(v.tag, e.step) for e in events for v in e.summary.value]
+    assert ("train/loss", 1) in values
