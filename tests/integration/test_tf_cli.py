@@ -68,3 +68,13 @@ def test_tf_bert_tiny_horovodrun_loss_falls_and_exports_keras(tmp_path, small_co
     assert metrics(run_dir, "eval")[-1]["val_samples"] > 0
     assert (run_dir / "keras" / "model.keras").is_file() and (run_dir / "keras" / "vocab.txt").is_file()
     assert "saved Keras model" in out
+
+
+def test_tf_resnet_learns_shapes_under_horovodrun(tmp_path):
+    run_dir = tmp_path / "run"
+    check_ok(run("horovodrun", 2, ["-m", "hpctrain.resnet", "--framework", "tf", "--config", "configs/demo.toml",
+                                   "--run-dir", str(run_dir), "--max-steps", "40", "--log-every", "10",
+                                   "--progress", "never"], timeout=400))
+    train = metrics(run_dir, "train")
+    assert [r["step"] for r in train] == [10, 20, 30, 40]
+    assert train[-1]["loss"] < 0.9 * train[0]["loss"], [r["loss"] for r in train]  # the built-in set is learnable
