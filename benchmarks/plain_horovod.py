@@ -28,6 +28,9 @@ p.add_argument("--steps", type=int, default=12)
 p.add_argument("--threads", type=int, default=1)
 p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
 p.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none")
+p.add_argument("--no-comm", action="store_true",
+               help="the machine's ceiling: every rank trains alone (no gradient allreduce); the ranks only line "
+                    "up before the timed window and sum their rates after it")
 a = p.parse_args()
 if a.amp == "fp16" and a.device != "cuda":
     p.error("--amp fp16 needs --device cuda")
@@ -42,9 +45,10 @@ dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(a.amp)
 scaler = torch.amp.GradScaler("cuda") if a.amp == "fp16" else None
 model = build_resnet(a.arch, 10).to(device)
 opt = torch.optim.SGD(model.parameters(), lr=0.01 * hvd.size(), momentum=0.9)
-opt = hvd.DistributedOptimizer(opt, named_parameters=model.named_parameters())
-hvd.broadcast_parameters(model.state_dict(), root_rank=0)
-hvd.broadcast_optimizer_state(opt, root_rank=0)
+if not a.no_comm:
+    opt = hvd.DistributedOptimizer(opt, named_parameters=model.named_parameters())
+    hvd.broadcast_parameters(model.state_dict(), root_rank=0)
+    hvd.broadcast_optimizer_state(opt, root_rank=0)
 x = torch.randn(a.batch_size, 3, a.image_size, a.image_size, device=device)
 y = torch.randint(0, 10, (a.batch_size,), device=device)
 
@@ -58,10 +62,13 @@ def step():
         opt.step()
         return
     scaler.scale(loss).backward()
-    opt.synchronize()
-    scaler.unscale_(opt)
-    with opt.skip_synchronize():
+    if a.no_comm:
         scaler.step(opt)
+    else:
+        opt.synchronize()
+        scaler.unscale_(opt)
+        with opt.skip_synchronize():
+            scaler.step(opt)
     scaler.update()
 
 
@@ -73,6 +80,7 @@ def sync():
 for _ in range(2):
     step()
 sync()
+hvd.allreduce(torch.zeros(1), name="start")  # every rank starts its timed window together
 t = time.perf_counter()
 for _ in range(a.steps - 2):
     step()
@@ -81,4 +89,4 @@ rate = a.batch_size * (a.steps - 2) / (time.perf_counter() - t)
 total = hvd.allreduce(torch.tensor(rate), op=hvd.Sum, name="rate").item()
 if hvd.rank() == 0:
     print(json.dumps({"samples_per_s_rank": total / hvd.size(), "samples_per_s_total": total,
-                      "device": a.device, "amp": a.amp}), flush=True)
+                      "device": a.device, "amp": a.amp, "no_comm": a.no_comm}), flush=True)

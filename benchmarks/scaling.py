@@ -6,6 +6,11 @@ loop, all on synthetic data, 1 thread per rank on CPU.
 Scaling efficiency E(n) = T(n) / (n T(1)) on total samples/s. hpctrain's throughput is the Trainer's
 own epoch figure (first 2 steps excluded, like the peer). The plain loop runs twice: with Horovod's
 default cycle time (what a user gets) and with hpctrain's CPU setting (the like-for-like peer).
+
+The machine's ceiling for n ranks (`ceiling_no_comm`): the same plain step run by n processes that never
+communicate (started together, timed over the same window, rates summed). Two processes on two cores
+slow each other through memory bandwidth, caches and clock; that loss is the machine's, not ours.
+Each row also gets `efficiency_vs_ceiling` = T(n) / ceiling(n): what the software controls.
 """
 from __future__ import annotations
 
@@ -45,9 +50,9 @@ def hpctrain_rate(np_: int, a, backend: str) -> float:
         return per_rank * np_  # ranks move in lock-step (allreduce every step)
 
 
-def plain_rate(np_: int, a, env: dict) -> float:
+def plain_rate(np_: int, a, env: dict, extra: tuple = ()) -> float:
     out = mpirun(np_, ["benchmarks/plain_horovod.py", "--arch", a.arch, "--image-size", str(a.image_size),
-                       "--batch-size", str(a.batch_size), "--steps", str(a.steps)], env)
+                       "--batch-size", str(a.batch_size), "--steps", str(a.steps), *extra], env)
     return json.loads(out.strip().splitlines()[-1])["samples_per_s_total"]
 
 
@@ -66,7 +71,8 @@ def main():
     runners = {"hpctrain_horovod": lambda n: hpctrain_rate(n, a, "horovod"),
                "hpctrain_ddp": lambda n: hpctrain_rate(n, a, "ddp"),
                "plain_horovod_cycle10ms": lambda n: plain_rate(n, a, {"HOROVOD_CYCLE_TIME": "10"}),
-               "plain_horovod_default": lambda n: plain_rate(n, a, {})}
+               "plain_horovod_default": lambda n: plain_rate(n, a, {}),
+               "ceiling_no_comm": lambda n: plain_rate(n, a, {"HOROVOD_CYCLE_TIME": "10"}, ("--no-comm",))}
     rows = []
     for n in range(1, a.max_np + 1):
         for name, fn in runners.items():
@@ -74,12 +80,16 @@ def main():
             rows.append({"engine": name, "np": n, "samples_per_s_total": total, "samples_per_s_rank": total / n})
             print(f"{name:>24} np={n}  {total:8.1f} samples/s total  {total / n:8.1f} per rank", flush=True)
     base = {r["engine"]: r["samples_per_s_total"] for r in rows if r["np"] == 1}
+    ceiling = {r["np"]: r["samples_per_s_total"] for r in rows if r["engine"] == "ceiling_no_comm"}
     for r in rows:
         r["efficiency"] = r["samples_per_s_total"] / (r["np"] * base[r["engine"]])
+        r["efficiency_vs_ceiling"] = r["samples_per_s_total"] / ceiling[r["np"]]
     by = {(r["engine"], r["np"]): r["samples_per_s_total"] for r in rows}
     ratios = {str(n): {"hpctrain_vs_plain_horovod_same_cycle": by["hpctrain_horovod", n] / by["plain_horovod_cycle10ms", n],
                        "hpctrain_vs_plain_horovod_default": by["hpctrain_horovod", n] / by["plain_horovod_default", n],
-                       "hpctrain_horovod_vs_ddp": by["hpctrain_horovod", n] / by["hpctrain_ddp", n]}
+                       "hpctrain_horovod_vs_ddp": by["hpctrain_horovod", n] / by["hpctrain_ddp", n],
+                       "hpctrain_horovod_vs_ceiling": by["hpctrain_horovod", n] / by["ceiling_no_comm", n],
+                       "ceiling_vs_linear": by["ceiling_no_comm", n] / (n * by["ceiling_no_comm", 1])}
               for n in range(1, a.max_np + 1)}
     save_results("scaling", {"arch": a.arch, "image_size": a.image_size, "batch_size": a.batch_size,
                              "steps": a.steps, "threads_per_rank": 1, "rows": rows, "ratios": ratios},
@@ -93,7 +103,8 @@ def plot(result: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for engine in dict.fromkeys(r["engine"] for r in result["rows"]):
         pts = [(r["np"], r["samples_per_s_total"]) for r in result["rows"] if r["engine"] == engine]
-        ax.plot(*zip(*pts), marker="o", label=engine)
+        style = {"linestyle": "--", "color": "grey"} if engine == "ceiling_no_comm" else {}
+        ax.plot(*zip(*pts), marker="o", label=engine, **style)
     nps = sorted({r["np"] for r in result["rows"]})
     one = next(r["samples_per_s_total"] for r in result["rows"] if r["engine"] == "hpctrain_horovod" and r["np"] == 1)
     ax.plot(nps, [one * n for n in nps], "k:", label="linear (hpctrain np=1)")

@@ -38,10 +38,12 @@ def test_scaling_smoke(tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     data = _result(tmp_path, "scaling")
     assert {(r["engine"], r["np"]) for r in data["rows"]} == {
-        (e, n) for e in ("hpctrain_horovod", "hpctrain_ddp", "plain_horovod_cycle10ms", "plain_horovod_default")
-        for n in (1, 2)}
+        (e, n) for e in ("hpctrain_horovod", "hpctrain_ddp", "plain_horovod_cycle10ms", "plain_horovod_default",
+                         "ceiling_no_comm") for n in (1, 2)}
     for r in data["rows"]:
-        assert all(_positive_finite(r[k]) for k in ("samples_per_s_total", "samples_per_s_rank", "efficiency")), r
+        assert all(_positive_finite(r[k]) for k in ("samples_per_s_total", "samples_per_s_rank", "efficiency",
+                                                    "efficiency_vs_ceiling")), r
+    assert {r["efficiency_vs_ceiling"] for r in data["rows"] if r["engine"] == "ceiling_no_comm"} == {1.0}
     assert all(_positive_finite(v) for ratio in data["ratios"].values() for v in ratio.values())
 
 
