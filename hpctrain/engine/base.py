@@ -8,6 +8,7 @@ fileobj)`, `read_state(path)` and `nonfinite(state)`."""
 from __future__ import annotations
 
 import atexit
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,6 +72,22 @@ def announce(trainer, recipe, cfg, data, params: int) -> None:
                 f"{rt.threads} thread(s) per rank, {trainer.steps_per_epoch} steps/epoch")
 
 
+def start_horovod(hvd, cfg, cluster: ClusterEnv, on_gpu: bool) -> None:
+    """hvd.init() (hvd: horovod.torch or horovod.tensorflow) with hpctrain's cycle time, and a check that
+    Horovod sees the launcher's world. Horovod reads its tuning from the environment at init. Measured on
+    2 CPU cores, 2 ranks: cycle 1 ms (default) 39 img/s/rank, 5 ms 80, 10 ms 78, 20 ms 89 (ResNet-18,
+    32 px). An explicit --hvd-cycle-time-ms wins; else a value set by the user/horovodrun; else ours on CPU."""
+    if cfg.hvd_cycle_time_ms:
+        os.environ["HOROVOD_CYCLE_TIME"] = str(cfg.hvd_cycle_time_ms)
+    elif not on_gpu:
+        os.environ.setdefault("HOROVOD_CYCLE_TIME", "10")
+    hvd.init()
+    if (hvd.rank(), hvd.size()) != (cluster.rank, cluster.size):
+        raise RuntimeError(f"Horovod sees rank {hvd.rank()} of {hvd.size()} but the launcher says "
+                           f"{cluster.rank} of {cluster.size} ({cluster.launcher}): is mpi4py/Horovod "
+                           "built against the MPI that launched this job?")
+
+
 class EngineBase:
     checkpoint_suffix = ".pt"
 
@@ -109,6 +126,15 @@ class EngineBase:
 
     def train(self, preemption=None) -> dict:
         return loop.train(self, self.cfg.run, self.cluster.rank, preemption)
+
+    def finish_evaluation(self, stats) -> dict:
+        """This rank's [loss x n, correct, n] over its validation shard -> the whole set's metrics (summed
+        over ranks, one collective), logged."""
+        loss_n, correct, n = self.reduce_sum(stats, [])
+        metrics = {"val_loss": loss_n / max(1.0, n), "val_top1": correct / max(1.0, n), "val_samples": int(n)}
+        if self.logger:
+            self.logger.log(self.step, "eval", metrics)
+        return metrics
 
     # ---- checkpoints -------------------------------------------------------------------------------
     def save(self) -> None:

@@ -24,19 +24,7 @@ from hpctrain.engine.tf import BatchStream, Trainer, setup  # noqa: E402
 from hpctrain.engine.tf.backends import HorovodBackend  # noqa: E402
 from hpctrain.engine.tf.trainer import build_optimizer  # noqa: E402
 from hpctrain.models.tf.resnet import Classification, build_resnet  # noqa: E402
-
-
-class Table:
-    """In-memory dataset addressed by (index, epoch) keys, like the real sources."""
-
-    def __init__(self, x, y):
-        self.x, self.y = x, y
-
-    def __len__(self):
-        return len(self.x)
-
-    def __getitem__(self, key):
-        return self.x[key[0]], self.y[key[0]]
+from tests.parallel.table import Table  # noqa: E402
 
 
 def flat(variables) -> np.ndarray:

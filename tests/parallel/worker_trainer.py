@@ -18,19 +18,7 @@ from hpctrain.config import TrainConfig
 from hpctrain.data.sharding import ShardedBatchSampler
 from hpctrain.engine.torch import Trainer, build_optimizer, make_loader, setup
 from hpctrain.models.resnet import build_resnet
-
-
-class Table:
-    """In-memory dataset addressed by (index, epoch) keys, like the real image sources."""
-
-    def __init__(self, x, y):
-        self.x, self.y = x, y
-
-    def __len__(self):
-        return len(self.x)
-
-    def __getitem__(self, key):
-        return self.x[key[0]], self.y[key[0]]
+from tests.parallel.table import Table
 
 
 def main():

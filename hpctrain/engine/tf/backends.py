@@ -15,11 +15,10 @@ touches no Keras variable internals. With gradient accumulation the summed gradi
 """
 from __future__ import annotations
 
-import os
-
 import numpy as np
 
 from hpctrain.config import ConfigError
+from hpctrain.engine.base import start_horovod
 
 
 class LocalBackend:
@@ -54,19 +53,10 @@ class HorovodBackend(LocalBackend):
 
     def __init__(self, cfg, cluster):
         super().__init__(cfg, cluster)
-        # The same cycle-time rule as the torch engine (see engine/torch/backends/horovod.py).
-        if cfg.hvd_cycle_time_ms:
-            os.environ["HOROVOD_CYCLE_TIME"] = str(cfg.hvd_cycle_time_ms)
-        elif not cluster_has_gpu():
-            os.environ.setdefault("HOROVOD_CYCLE_TIME", "10")
         import horovod.tensorflow as hvd
         self.hvd = hvd
-        hvd.init()
+        start_horovod(hvd, cfg, cluster, on_gpu=cluster_has_gpu())
         self._broadcasts = 0
-        if (hvd.rank(), hvd.size()) != (cluster.rank, cluster.size):
-            raise RuntimeError(f"Horovod sees rank {hvd.rank()} of {hvd.size()} but the launcher says "
-                               f"{cluster.rank} of {cluster.size} ({cluster.launcher}): is Horovod built "
-                               "against the MPI that launched this job?")
         self.op = hvd.Adasum if cfg.adasum else hvd.Average
         self.compression = hvd.Compression.fp16 if cfg.fp16_allreduce else hvd.Compression.none
 

@@ -93,11 +93,7 @@ class Trainer(EngineBase):
         for batch in self.val_stream.epoch():
             stats += self._eval_fn(batch).numpy()
             watchdog.beat()
-        loss_n, correct, n = self.reduce_sum(stats, [])
-        metrics = {"val_loss": loss_n / max(1.0, n), "val_top1": correct / max(1.0, n), "val_samples": int(n)}
-        if self.logger:
-            self.logger.log(self.step, "eval", metrics)
-        return metrics
+        return self.finish_evaluation(stats)
 
     def sync_buffers(self) -> None:
         """Average BatchNorm moving statistics so every rank evaluates and saves the same model."""

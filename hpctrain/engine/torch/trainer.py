@@ -75,11 +75,7 @@ class Trainer(EngineBase):
         for batch in self.val_loader:
             stats += self.plan.eval_batch(to_device(batch, self.device), self)
             watchdog.beat()
-        loss_n, correct, n = self.reduce_sum(stats, [])
-        metrics = {"val_loss": loss_n / max(1.0, n), "val_top1": correct / max(1.0, n), "val_samples": int(n)}
-        if self.logger:
-            self.logger.log(self.step, "eval", metrics)
-        return metrics
+        return self.finish_evaluation(stats)
 
     # ---- state (EngineBase's checkpoint hooks) ---------------------------------------------------------
     def sync_buffers(self) -> None:

@@ -1,11 +1,11 @@
 """Horovod: ring-allreduce over MPI (or Gloo under horovodrun --gloo), hooked into the optimizer."""
 from __future__ import annotations
 
-import os
 
 import horovod.torch as hvd
 import torch
 
+from hpctrain.engine.base import start_horovod
 from hpctrain.engine.torch.backends.base import Backend
 
 
@@ -14,19 +14,8 @@ class HorovodBackend(Backend):
 
     def __init__(self, cfg, cluster, device):
         super().__init__(cfg, cluster, device)
-        # Horovod reads its tuning from the environment at init. Measured on 2 CPU cores, 2 ranks:
-        # cycle 1 ms (default) 39 img/s/rank, 5 ms 80, 10 ms 78, 20 ms 89 (ResNet-18, 32 px).
-        # An explicit --hvd-cycle-time-ms wins; else a value set by the user/horovodrun; else ours.
-        if cfg.hvd_cycle_time_ms:
-            os.environ["HOROVOD_CYCLE_TIME"] = str(cfg.hvd_cycle_time_ms)
-        elif device.type == "cpu":
-            os.environ.setdefault("HOROVOD_CYCLE_TIME", "10")
-        hvd.init()
+        start_horovod(hvd, cfg, cluster, on_gpu=device.type == "cuda")
         self._broadcasts = 0
-        if (hvd.rank(), hvd.size()) != (cluster.rank, cluster.size):
-            raise RuntimeError(f"Horovod sees rank {hvd.rank()} of {hvd.size()} but the launcher says "
-                               f"{cluster.rank} of {cluster.size} ({cluster.launcher}): is mpi4py/Horovod "
-                               "built against the MPI that launched this job?")
 
     def wrap(self, model, optimizer):
         # Horovod: gradients are allreduced by hooks as backward produces them, overlapping compute.
