@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TF's start-up notices (oneDNN, CUDA stubs) on every rank
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TF C++ INFO/WARNING logs (TF 2.21's absl start-up lines ignore it)
 
 from hpctrain.engine.base import announce, open_data  # noqa: E402
 from hpctrain.engine.tf.data import BatchStream  # noqa: E402
