@@ -2,12 +2,15 @@
 
 Everything else receives a `ClusterEnv`. Detection order (first match wins): horovodrun --gloo
 (HOROVOD_RANK), horovodrun/mpirun (Open MPI), srun (Slurm step), PMI/PMIx (MPICH, Intel MPI,
-srun --mpi=pmix without Open MPI), torchrun, single process (with a warning if a scheduler allocation
-is visible but no launcher is).
+srun --mpi=pmix without Open MPI), torchrun, a TF_CONFIG set by hand (tf.distribute's own launch: one
+process per entry), single process (with a warning if a scheduler allocation is visible but no launcher is).
+`tf_config` turns any of them into the TF_CONFIG of tf.distribute's MultiWorkerMirroredStrategy.
 """
 from __future__ import annotations
 
+import json
 import os
+import re
 import socket
 import warnings
 from dataclasses import dataclass, asdict
@@ -27,7 +30,7 @@ class ClusterEnv:
     size: int
     local_size: int
     node_rank: int
-    launcher: str  # "horovod-gloo" | "openmpi" | "slurm" | "pmi" | "torchrun" | "single"
+    launcher: str  # "horovod-gloo" | "openmpi" | "slurm" | "pmi" | "torchrun" | "tf-config" | "single"
     hostname: str = ""
     master_addr: str | None = None  # set by torchrun / Slurm; used by torch.distributed when present
     master_port: int | None = None
@@ -125,13 +128,7 @@ def _slurm_tasks_on_node(spec: str | None, node: int) -> int | None:
     """'2(x3),1' -> per node counts [2,2,2,1]; return the count for `node`."""
     if not spec:
         return None
-    counts: list[int] = []
-    for part in spec.split(","):
-        if "(x" in part:
-            n, reps = part.rstrip(")").split("(x")
-            counts += [int(n)] * int(reps)
-        else:
-            counts.append(int(part))
+    counts = _slurm_task_counts(spec)
     return counts[node] if node < len(counts) else counts[-1]
 
 
@@ -167,6 +164,128 @@ def _detect_torchrun(env):
     return "torchrun", rank, size, local_rank, local_size, node_rank, extra
 
 
+TF_CONFIG_SHAPE = '{"cluster": {"worker": ["host:port", ...]}, "task": {"type": "worker", "index": i}}'
+
+
+def parse_tf_config(text: str) -> tuple[list[str], int]:
+    """TF_CONFIG -> (every task's "host:port" in rank order: the chief first if there is one, then the
+    workers; this task's rank). A malformed one raises a ClusterError that says what is wrong."""
+    def bad(why):
+        return ClusterError(f"TF_CONFIG: {why} (expected {TF_CONFIG_SHAPE})")
+    try:
+        conf = json.loads(text)
+    except ValueError as e:
+        raise bad(f"not JSON: {e}") from None
+    if not isinstance(conf, dict) or not isinstance(conf.get("cluster"), dict) or not isinstance(conf.get("task"), dict):
+        raise bad("needs a 'cluster' object and a 'task' object")
+    cluster, task = conf["cluster"], conf["task"]
+    unknown = set(cluster) - {"chief", "worker"}
+    if unknown:
+        raise bad(f"cluster has job(s) {sorted(unknown)}; only 'chief' and 'worker' are used by MultiWorkerMirroredStrategy")
+    jobs = {job: cluster.get(job, []) for job in ("chief", "worker")}
+    for job, addresses in jobs.items():
+        if not isinstance(addresses, list) or not all(isinstance(a, str) and re.fullmatch(r"[^:\s]+:\d+", a)
+                                                      for a in addresses):
+            raise bad(f"cluster.{job} must be a list of 'host:port' strings, got {addresses!r}")
+    if len(jobs["chief"]) > 1:
+        raise bad(f"{len(jobs['chief'])} chiefs; at most 1")
+    addresses = jobs["chief"] + jobs["worker"]
+    if not addresses:
+        raise bad("cluster lists no worker")
+    kind, index = task.get("type"), task.get("index", 0)
+    if kind not in ("chief", "worker") or not isinstance(index, int) or not 0 <= index < len(jobs.get(kind, [])):
+        raise bad(f"task {task!r} is not one of the cluster's {len(jobs['chief'])} chief(s) and "
+                  f"{len(jobs['worker'])} worker(s)")
+    return addresses, index + (len(jobs["chief"]) if kind == "worker" else 0)
+
+
+def _detect_tf_config(env):
+    # tf.distribute's own multi-worker launch: the user starts one process per TF_CONFIG entry, each with its task.
+    if "TF_CONFIG" not in env:
+        return None
+    addresses, rank = parse_tf_config(env["TF_CONFIG"])
+    hosts = [a.rsplit(":", 1)[0] for a in addresses]
+    mine = hosts[rank]
+    local = [i for i, h in enumerate(hosts) if h == mine]
+    node_rank = list(dict.fromkeys(hosts)).index(mine)
+    return "tf-config", rank, len(addresses), local.index(rank), len(local), node_rank, {}
+
+
+def expand_hostlist(nodelist: str) -> list[str]:
+    """A Slurm node list -> host names: 'gpu[003-005,12],login1' -> gpu003 gpu004 gpu005 gpu12 login1."""
+    hosts: list[str] = []
+    for prefix, ranges, suffix in re.findall(r"([^,\[]+)(?:\[([^\]]*)\])?([^,\[]*)", nodelist):
+        if not ranges:
+            hosts.append(prefix + suffix)
+            continue
+        for part in ranges.split(","):
+            lo, _, hi = part.partition("-")
+            width = len(lo)
+            hosts += [f"{prefix}{i:0{width}d}{suffix}" for i in range(int(lo), int(hi or lo) + 1)]
+    return hosts
+
+
+def _slurm_task_counts(spec: str) -> list[int]:
+    """'2(x3),1' -> tasks per node [2, 2, 2, 1]."""
+    counts: list[int] = []
+    for part in spec.split(","):
+        if "(x" in part:
+            n, reps = part.rstrip(")").split("(x")
+            counts += [int(n)] * int(reps)
+        else:
+            counts.append(int(part))
+    return counts
+
+
+def tf_config(c: "ClusterEnv", port_base: int, env: Mapping[str, str] | None = None,
+              hosts: list[str] | None = None) -> dict:
+    """The TF_CONFIG for MultiWorkerMirroredStrategy: the user's own if set (it must describe this launch),
+    else one worker per rank at its host and port `port_base + rank` (unique even when several ranks, or
+    several emulated nodes, share a host). Hosts: `hosts` (one per rank, e.g. gathered over MPI), else
+    localhost when every rank is on this node, else Slurm's step node list (block distribution)."""
+    env = os.environ if env is None else env
+    if "TF_CONFIG" in env:
+        addresses, rank = parse_tf_config(env["TF_CONFIG"])
+        if (len(addresses), rank) != (c.size, c.rank):
+            raise ClusterError(f"TF_CONFIG: task is rank {rank} of {len(addresses)}, but the launcher ({c.launcher}) "
+                               f"started rank {c.rank} of {c.size}: unset TF_CONFIG or launch one process per entry")
+        return json.loads(env["TF_CONFIG"])
+    if c.size < 2:
+        raise ClusterError("--backend multiworker: one worker and no TF_CONFIG; launch one process per node or GPU "
+                           "(`srun --ntasks-per-node=1 python -m ...`, `mpirun -np N python -m ...`) or set TF_CONFIG "
+                           f"in each ({TF_CONFIG_SHAPE}); one process: --backend mirrored or none")
+    if port_base + c.size - 1 > 65535:
+        raise ClusterError(f"dist.port_base (--port-base): {port_base} + {c.size} workers passes port 65535")
+    if hosts is None:
+        if c.local_size == c.size:
+            hosts = ["localhost"] * c.size
+        elif c.launcher == "slurm":
+            nodes = expand_hostlist(env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST", ""))
+            counts = _slurm_task_counts(env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE", ""))
+            counts = (counts + counts[-1:] * len(nodes))[:len(nodes)]
+            hosts = [node for node, n in zip(nodes, counts) for _ in range(n)]
+        else:
+            raise ClusterError(f"--backend multiworker: {c.num_nodes} nodes under {c.launcher} and no host list; "
+                               "set TF_CONFIG in each process")
+    if len(hosts) != c.size:
+        raise ClusterError(f"--backend multiworker: {len(hosts)} worker host(s) for {c.size} ranks")
+    return {"cluster": {"worker": [f"{h}:{port_base + i}" for i, h in enumerate(hosts)]},
+            "task": {"type": "worker", "index": c.rank}}
+
+
+def port_in_use(port: int) -> bool:
+    """True when another process listens on `port` here. gRPC binds with SO_REUSEPORT, so a second TF server
+    on a taken port would start without an error and steal half the connections: ask first. SO_REUSEADDR
+    lets closed connections in TIME_WAIT (a previous run) pass, as they do for the server."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("", port))
+        except OSError:
+            return True
+    return False
+
+
 # horovodrun --gloo comes first: HOROVOD_RANK is set per worker by the launcher that started this
 # very process, and horovodrun copies its whole environment into every worker (over ssh too). So
 # OMPI_*/SLURM_*/PMI* next to HOROVOD_RANK were inherited from an outer launcher and describe the one
@@ -174,7 +293,7 @@ def _detect_torchrun(env):
 # SLURM_STEP_ID and SLURM_STEP_NUM_TASKS=1, which _detect_slurm would read as "rank 0 of 1"; in the
 # batch shell (no srun) only SLURM_JOB_ID & co. are there and would give "single". Horovod's own
 # get_env_rank_and_size() uses the same order (HOROVOD_RANK before OMPI_COMM_WORLD_RANK).
-DETECTORS = (_detect_horovod_gloo, _detect_openmpi, _detect_slurm, _detect_pmi, _detect_torchrun)
+DETECTORS = (_detect_horovod_gloo, _detect_openmpi, _detect_slurm, _detect_pmi, _detect_torchrun, _detect_tf_config)
 
 
 def detect(env: Mapping[str, str] | None = None) -> ClusterEnv:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, get_type_hints
 
 from hpctrain.data.images import DATASETS
-from hpctrain.engine import ALL_BACKENDS, BACKENDS, FRAMEWORKS
+from hpctrain.engine import ALL_BACKENDS, BACKENDS, COLLECTIVES, FRAMEWORKS
 from hpctrain.errors import UserError
 from hpctrain.models.names import BERT_PRESETS, RESNET_ARCHS
 from hpctrain.pipeline.partition import PARTITION_METHODS
@@ -101,7 +101,9 @@ class OptimConfig:
 class DistConfig:
     framework: str = opt("torch", "training framework: torch (PyTorch engine) or tf (TensorFlow/Keras 3 engine)", choices=list(FRAMEWORKS))
     backend: str = opt("horovod", "how gradients are combined: horovod (ring-allreduce over MPI/Gloo), "
-                                  "ddp (torch.distributed), none (single process)",
+                                  "ddp (torch.distributed), none (single process); --framework tf also: multiworker "
+                                  "(tf.distribute MultiWorkerMirroredStrategy, any launcher or TF_CONFIG), mirrored "
+                                  "(MirroredStrategy: one process, its local devices)",
                        choices=list(ALL_BACKENDS))
     fp16_allreduce: bool = opt(False, "compress gradients to fp16 for the allreduce (Horovod)")
     adasum: bool = opt(False, "combine gradients with Adasum instead of averaging (Horovod)")
@@ -116,6 +118,13 @@ class DistConfig:
     threads: int = opt(0, "intra-op threads per rank (0 = cores on the node / ranks on the node)",
                        minimum=0)
     jit_compile: bool = opt(False, "--framework tf: compile the train and eval steps with XLA")
+    collective: str = opt("auto", "--backend multiworker/mirrored: how replicas reduce: ring (gRPC, CPU), nccl "
+                                  "(GPU), auto (nccl when the workers have GPUs, else ring)",
+                          choices=list(COLLECTIVES))
+    port_base: int = opt(23456, "--backend multiworker: worker k listens on port_base + k (TF_CONFIG built from the "
+                                "launcher; a TF_CONFIG set by the user wins)", minimum=1024, maximum=65535)
+    cpu_devices: int = opt(1, "--backend mirrored on CPU: split the CPU into this many logical devices, one replica "
+                              "each (for testing; GPUs are used as they are)", minimum=1)
 
 
 @dataclass
@@ -352,10 +361,27 @@ def validate(cfg) -> None:
     if cfg.dist.fp16_allreduce and cfg.dist.backend != "horovod":
         raise ConfigError(f"dist.fp16_allreduce (--fp16-allreduce): needs --backend horovod, "
                           f"not {cfg.dist.backend!r}")
+    _validate_strategy(d)
     _validate_pipeline(cfg)
     if cfg.run.resume not in ("auto", "never") and not Path(cfg.run.resume).is_file():
         raise ConfigError(f"run.resume (--resume): {cfg.run.resume!r} is not a checkpoint file "
                           "(allowed: auto, never, or an existing file)")
+
+
+def _validate_strategy(d) -> None:
+    strategies = ("multiworker", "mirrored")
+    if d.collective != "auto" and d.backend not in strategies:
+        raise ConfigError(f"dist.collective (--collective): {d.collective!r} needs --backend multiworker or mirrored, "
+                          f"not {d.backend!r} (allowed with {d.backend!r}: auto)")
+    if d.collective == "ring" and d.backend == "mirrored":
+        raise ConfigError("dist.collective (--collective): 'ring' is the cross-worker gRPC collective of --backend "
+                          "multiworker (allowed with mirrored: auto, nccl)")
+    if d.jit_compile and d.backend in strategies:
+        raise ConfigError(f"dist.jit_compile (--jit-compile): not supported with --backend {d.backend} "
+                          "(allowed there: off; XLA around strategy.run is not wired)")
+    if d.cpu_devices > 1 and d.backend != "mirrored":
+        raise ConfigError(f"dist.cpu_devices (--cpu-devices): {d.cpu_devices} needs --backend mirrored, "
+                          f"not {d.backend!r} (allowed: 1)")
 
 
 def _validate_pipeline(cfg) -> None:

@@ -31,6 +31,7 @@ class Runtime:
     data_rank: int = 0  # this rank's data-parallel replica (its rank, unless pipeline stages share a replica)
     data_size: int = 1  # number of data-parallel replicas (world size / pipeline stages)
     run_lock: RunLock | None = None  # rank 0's lock on run_dir
+    local_replicas: int = 1  # replicas this rank feeds (tf.distribute: its devices); the sampler deals it their batches
 
 
 def lock_run_dir(run_dir: str, rt: Runtime) -> RunLock | None:
@@ -57,7 +58,7 @@ def open_data(recipe, cfg: TrainConfig, rt: Runtime):
     log = print if rt.cluster.rank == 0 else (lambda *_: None)
     data = recipe.data(cfg, World(rt.cluster.rank, rt.data_rank, rt.data_size, rt.backend.broadcast_object, log))
     d, seed = cfg.data, cfg.run.seed
-    train = ShardedBatchSampler(len(data.train), rt.data_rank, rt.data_size, d.batch_size, seed,
+    train = ShardedBatchSampler(len(data.train), rt.data_rank, rt.data_size, d.batch_size * rt.local_replicas, seed,
                                 contiguous=data.contiguous)
     val = None
     if data.val is not None:
@@ -69,7 +70,9 @@ def open_data(recipe, cfg: TrainConfig, rt: Runtime):
 def announce(trainer, recipe, cfg, data, params: int) -> None:
     rt = trainer.rt
     trainer.log(f"{recipe.prog}: {recipe.describe(cfg, data, params)}, {rt.backend.name} backend, device {rt.device}, "
-                f"{rt.threads} thread(s) per rank, {trainer.steps_per_epoch} steps/epoch")
+                f"{rt.threads} thread(s) per rank, {trainer.steps_per_epoch} steps/epoch, batch {cfg.data.batch_size} per "
+                f"replica x {trainer.data_size} replica(s) x {trainer.micro_batches} micro-batch(es) = "
+                f"{cfg.data.batch_size * trainer.data_size * trainer.micro_batches} global")
 
 
 def start_horovod(hvd, cfg, cluster: ClusterEnv, on_gpu: bool) -> None:
@@ -98,8 +101,8 @@ class EngineBase:
         self.sampler = sampler
         self.step = 0
         self.micro_batches, self.counts_samples, self.has_validation = micro_batches, counts_samples, has_validation
-        self.samples_per_step = cfg.data.batch_size * micro_batches
-        self.data_size = runtime.data_size
+        self.samples_per_step = cfg.data.batch_size * micro_batches * runtime.local_replicas  # this rank's
+        self.data_size = runtime.data_size * runtime.local_replicas  # replicas in sync: LR scaling, per-replica rates
         self.steps_per_epoch = len(sampler) // micro_batches
         if self.steps_per_epoch < 1:
             raise ConfigError(f"data.batch_size (--batch-size): {cfg.data.batch_size} x {micro_batches} "

@@ -3,6 +3,7 @@
 
     runtime.py   setup: GPU per local rank or CPU threads, mixed precision, seeds, backend, run-dir lock
     backends.py  horovod (one allreduce per gradient, fused by Horovod; Adasum, fp16 compression), none
+    strategies.py  tf.distribute: multiworker (MultiWorkerMirroredStrategy), mirrored (MirroredStrategy)
     data.py      the neutral sources and sharded sampler as a tf.data pipeline
     trainer.py   Trainer: the loop's engine protocol; .npz checkpoints through CheckpointManager
 """
@@ -25,11 +26,13 @@ def build_trainer(recipe, cfg, cluster) -> Trainer:
     -> resume: the torch engine's sequence."""
     rt = setup(cfg, cluster)
     data, train_sampler, val_sampler = open_data(recipe, cfg, rt)
-    workers = cfg.data.workers
-    train = BatchStream(data.train, train_sampler, workers)
+    workers, backend = cfg.data.workers, rt.backend
+    train = BatchStream(data.train, train_sampler, workers,
+                        distribute=lambda make: backend.distribute(make, cfg.data.batch_size))
     val = BatchStream(data.val, val_sampler, workers) if val_sampler is not None else None
-    model = recipe.tf_model(cfg, data)
-    trainer = Trainer(model, train, val, rt, cfg, recipe.tf_task(cfg))
+    with backend.scope():  # tf.distribute: model and optimizer variables mirrored on every replica
+        model = recipe.tf_model(cfg, data)
+        trainer = Trainer(model, train, val, rt, cfg, recipe.tf_task(cfg))
     trainer.data = data
     trainer.after_train = getattr(recipe, "tf_after", None)
     announce(trainer, recipe, cfg, data, model.count_params())

@@ -1,5 +1,7 @@
 """Backends of the TensorFlow engine: how gradients are combined and how ranks talk.
 
+    scope(), run_step(step, micro_batches)   where variables live and how the tf.function step runs
+    distribute(make_dataset, batch)    this rank's tf.data batches -> what the step takes
     allreduce_grads(grads) -> grads     inside the tf.function step: average over ranks
     broadcast_variables(variables)     rank 0's values to every rank
     allreduce(values, op)              numpy in, numpy out (metrics, the stop flag, BN statistics)
@@ -15,6 +17,8 @@ touches no Keras variable internals. With gradient accumulation the summed gradi
 """
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 
 from hpctrain.config import ConfigError
@@ -28,6 +32,19 @@ class LocalBackend:
         self.cfg, self.cluster = cfg, cluster
         self.rank, self.size = cluster.rank, cluster.size
         self.data_rank, self.data_size = cluster.rank, cluster.size
+        self.local_replicas, self.replicas = 1, cluster.size  # tf.distribute: devices per process, in sync
+
+    def scope(self):
+        return contextlib.nullcontext()
+
+    def run_step(self, step, micro_batches):
+        return step(micro_batches)
+
+    def distribute(self, make_dataset, per_replica_batch: int):
+        return make_dataset()
+
+    def local_values(self, variable) -> list[np.ndarray]:
+        return [np.asarray(variable)]
 
     def allreduce_grads(self, grads):
         return grads
@@ -93,13 +110,16 @@ def cluster_has_gpu() -> bool:
     return bool(tf.config.list_physical_devices("GPU"))
 
 
-def build_backend(cfg, cluster):
+def build_backend(cfg, cluster, gpus: list):
+    if cfg.backend in ("mirrored", "multiworker"):
+        from hpctrain.engine.tf.strategies import MirroredBackend, MultiWorkerBackend
+        return (MirroredBackend if cfg.backend == "mirrored" else MultiWorkerBackend)(cfg, cluster, gpus)
     if cfg.backend == "horovod":
         return HorovodBackend(cfg, cluster)
     if cfg.backend == "none":
         if cluster.size > 1:
             raise ConfigError(f"dist.backend (--backend): 'none' runs one process, but the launcher started "
-                              f"{cluster.size} ranks (allowed with several ranks and --framework tf: horovod)")
+                              f"{cluster.size} ranks (allowed with several ranks and --framework tf: horovod, multiworker)")
         return LocalBackend(cfg, cluster)
     raise ConfigError(f"dist.backend (--backend): {cfg.backend!r} is not allowed with --framework tf "
-                      "(allowed: horovod, none)")
+                      "(allowed: horovod, multiworker, mirrored, none)")

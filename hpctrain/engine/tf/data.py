@@ -18,8 +18,10 @@ def collate(samples: list):
 class BatchStream:
     """Batches of `source` in the order `sampler` deals them to this rank, as a tf.data pipeline."""
 
-    def __init__(self, source, sampler, parallel: int = 0):
-        self.source, self.sampler = source, sampler
+    def __init__(self, source, sampler, parallel: int = 0, distribute=None):
+        """`distribute(make_dataset)`: the backend's hook from this rank's batches to what its step takes
+        (tf.distribute cuts them into per-replica batches); None: the tf.data iterator itself."""
+        self.source, self.sampler, self.distribute = source, sampler, distribute
         self.parallel = parallel or tf.data.AUTOTUNE
         probe = collate([source[(0, 0)]])
         self.structure = probe
@@ -42,4 +44,7 @@ class BatchStream:
         """An iterator over this rank's batches of `epoch` from batch `skip_batches` on (a resume)."""
         if epoch is not None:
             self.sampler.set_epoch(epoch, skip_batches=skip_batches)
-        return iter(self._load([list(batch) for batch in self.sampler]))
+        keys = [list(batch) for batch in self.sampler]
+        if self.distribute is not None:
+            return iter(self.distribute(lambda: self._load(keys)))
+        return iter(self._load(keys))

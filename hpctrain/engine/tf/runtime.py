@@ -19,14 +19,25 @@ def setup(cfg: TrainConfig, cluster: ClusterEnv) -> Runtime:
     gpus = tf.config.list_physical_devices("GPU") if d.device != "cpu" else []
     if d.device == "cuda" and not gpus:
         raise ConfigError("dist.device (--device): 'cuda' requested but no GPU is visible (allowed here: auto, cpu)")
-    gpu = visible_gpu_index(cluster, len(gpus))
-    if gpu is not None:  # one GPU per rank, chosen by local rank; grow memory instead of taking it all
-        tf.config.set_visible_devices(gpus[gpu], "GPU")
-        tf.config.experimental.set_memory_growth(gpus[gpu], True)
+    strategy = d.backend in ("mirrored", "multiworker")
+    if strategy and gpus and cluster.local_size == 1:  # one process per node: all its GPUs are its replicas
+        for g in gpus:
+            tf.config.experimental.set_memory_growth(g, True)
+        device = f"{len(gpus)} x GPU"
     else:
-        tf.config.set_visible_devices([], "GPU")
-    device = "GPU:0" if gpu is not None else "CPU:0"
-    if d.amp == "fp16" and gpu is None:
+        gpu = visible_gpu_index(cluster, len(gpus))
+        if gpu is not None:  # one GPU per rank, chosen by local rank; grow memory instead of taking it all
+            tf.config.set_visible_devices(gpus[gpu], "GPU")
+            tf.config.experimental.set_memory_growth(gpus[gpu], True)
+        else:
+            tf.config.set_visible_devices([], "GPU")
+        gpus = [gpus[gpu]] if gpu is not None else []
+        device = "GPU:0" if gpus else "CPU:0"
+    if d.backend == "mirrored" and not gpus and d.cpu_devices > 1:  # logical CPUs: before TF's runtime starts
+        cpu = tf.config.list_physical_devices("CPU")[0]
+        tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * d.cpu_devices)
+        device = f"{d.cpu_devices} x CPU"
+    if d.amp == "fp16" and not gpus:
         raise ConfigError("dist.amp (--amp): 'fp16' needs a GPU (allowed on CPU: none, bf16)")
     threads = d.threads or threads_per_rank(cluster)
     tf.config.threading.set_intra_op_parallelism_threads(threads)  # ranks sharing a node split its cores
@@ -38,7 +49,8 @@ def setup(cfg: TrainConfig, cluster: ClusterEnv) -> Runtime:
         tf.config.experimental.enable_op_determinism()
     for name, value in watchdog.launcher_defaults(cfg.run.hang_timeout).items():
         os.environ.setdefault(name, value)  # read by Horovod at init; the user's own settings win
-    backend = build_backend(d, cluster)
-    rt = Runtime(cluster, device, threads, backend, backend.data_rank, backend.data_size)
+    backend = build_backend(d, cluster, gpus)
+    rt = Runtime(cluster, device, threads, backend, backend.data_rank, backend.data_size,
+                 local_replicas=backend.local_replicas)
     rt.run_lock = lock_run_dir(cfg.run.run_dir, rt)
     return rt

@@ -44,7 +44,8 @@ class Trainer(EngineBase):
         if cfg.dist.amp == "fp16":  # fp16 gradients underflow without loss scaling; bf16 needs none
             self.optimizer = keras.optimizers.LossScaleOptimizer(self.optimizer)
         self.optimizer.build(model.trainable_variables)  # slots now, so resume and broadcast cover them
-        self._step_fn = tf.function(self._step, jit_compile=cfg.dist.jit_compile, reduce_retracing=True)
+        self._step_fn = tf.function(lambda micro_batches: self.backend.run_step(self._step, micro_batches),
+                                    jit_compile=cfg.dist.jit_compile, reduce_retracing=True)
         self._eval_fn = tf.function(self._eval, jit_compile=cfg.dist.jit_compile, reduce_retracing=True)
 
     # ---- the step ----------------------------------------------------------------------------------
@@ -96,13 +97,14 @@ class Trainer(EngineBase):
         return self.finish_evaluation(stats)
 
     def sync_buffers(self) -> None:
-        """Average BatchNorm moving statistics so every rank evaluates and saves the same model."""
-        if self.backend.size == 1:
+        """Average BatchNorm moving statistics (over ranks, and over a rank's tf.distribute replicas, which
+        each update their own copy) so every replica evaluates and saves the same model."""
+        if self.backend.size == 1 and self.backend.local_replicas == 1:
             return
         for v in self.model.non_trainable_variables:
             if "float" in str(v.dtype):
-                value = np.asarray(v)
-                v.assign(self.backend.allreduce(value, "mean").astype(value.dtype))
+                local = np.mean(self.backend.local_values(v), axis=0)
+                v.assign(self.backend.allreduce(local, "mean").astype(local.dtype))
 
     def whole_model(self):
         return self.model
