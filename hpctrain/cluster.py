@@ -249,7 +249,9 @@ def tf_config(c: "ClusterEnv", port_base: int, env: Mapping[str, str] | None = N
         if (len(addresses), rank) != (c.size, c.rank):
             raise ClusterError(f"TF_CONFIG: task is rank {rank} of {len(addresses)}, but the launcher ({c.launcher}) "
                                f"started rank {c.rank} of {c.size}: unset TF_CONFIG or launch one process per entry")
-        return json.loads(env["TF_CONFIG"])
+        conf = json.loads(env["TF_CONFIG"])
+        conf["task"].setdefault("index", 0)  # parse_tf_config's default; the strategy reads conf["task"]["index"]
+        return conf
     if c.size < 2:
         raise ClusterError("--backend multiworker: one worker and no TF_CONFIG; launch one process per node or GPU "
                            "(`srun --ntasks-per-node=1 python -m ...`, `mpirun -np N python -m ...`) or set TF_CONFIG "

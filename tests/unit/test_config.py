@@ -35,6 +35,67 @@ def test_bad_values(argv, words):
     assert words in str(e.value) and "\n" not in str(e.value)
 
 
+TF = ["--framework", "tf"]
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--collective", "gloo"], "dist.collective (--collective): 'gloo' is not allowed (allowed: auto, ring, nccl)"),
+    (["--collective", "ring"], "dist.collective (--collective): 'ring' needs --backend multiworker or mirrored, "
+                               "not 'horovod' (allowed with 'horovod': auto)"),
+    (["--backend", "ddp", "--collective", "nccl"], "'nccl' needs --backend multiworker or mirrored, not 'ddp'"),
+    ([*TF, "--backend", "none", "--collective", "nccl"], "'nccl' needs --backend multiworker or mirrored, not 'none'"),
+    ([*TF, "--backend", "horovod", "--collective", "ring"], "needs --backend multiworker or mirrored, not 'horovod'"),
+    ([*TF, "--backend", "mirrored", "--collective", "ring"], "'ring' is the cross-worker gRPC collective of --backend "
+                                                             "multiworker (allowed with mirrored: auto, nccl)"),
+    ([*TF, "--backend", "multiworker", "--cpu-devices", "2"], "dist.cpu_devices (--cpu-devices): 2 needs --backend "
+                                                              "mirrored, not 'multiworker' (allowed: 1)"),
+    (["--cpu-devices", "4"], "dist.cpu_devices (--cpu-devices): 4 needs --backend mirrored, not 'horovod'"),
+    (["--cpu-devices", "0"], "dist.cpu_devices (--cpu-devices): 0 is below the minimum 1"),
+    ([*TF, "--backend", "multiworker", "--jit-compile"], "dist.jit_compile (--jit-compile): not supported with "
+                                                         "--backend multiworker"),
+    ([*TF, "--backend", "mirrored", "--jit-compile", "true"], "not supported with --backend mirrored"),
+    (["--port-base", "1023"], "dist.port_base (--port-base): 1023 is below the minimum 1024"),
+    (["--port-base", "65536"], "dist.port_base (--port-base): 65536 is above the maximum 65535"),
+    (["--port-base", "x"], "dist.port_base (--port-base): 'x' is not an integer"),
+    (["--backend", "multiworker"], "'multiworker' is not a backend of the torch engine (allowed with --framework "
+                                   "torch: horovod, ddp, none)"),
+    (["--backend", "mirrored"], "'mirrored' is not a backend of the torch engine"),
+])
+def test_bad_strategy_options(argv, words):
+    with pytest.raises(ConfigError) as e:
+        parse(argv, "t")
+    assert words in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("argv", [
+    [*TF, "--backend", "multiworker"],
+    [*TF, "--backend", "multiworker", "--collective", "ring", "--port-base", "1024"],
+    [*TF, "--backend", "multiworker", "--collective", "nccl", "--port-base", "65535"],
+    [*TF, "--backend", "mirrored", "--collective", "nccl"],
+    [*TF, "--backend", "mirrored", "--collective", "auto", "--cpu-devices", "4"],
+    [*TF, "--backend", "horovod", "--jit-compile"],  # XLA is refused only around a tf.distribute strategy
+    [*TF, "--backend", "none", "--jit-compile"],
+    ["--backend", "ddp", "--collective", "auto", "--cpu-devices", "1"],
+])
+def test_good_strategy_options(argv):
+    parse(argv, "t")
+
+
+def test_strategy_options_defaults_and_toml(tmp_path):
+    d = TrainConfig().dist
+    assert (d.collective, d.port_base, d.cpu_devices) == ("auto", 23456, 1)
+    f = tmp_path / "c.toml"
+    f.write_text('[dist]\nframework = "tf"\nbackend = "mirrored"\ncollective = "nccl"\ncpu_devices = 2\n'
+                 'port_base = 30000\n')
+    cfg = parse(["--config", str(f)], "t")
+    assert (cfg.dist.backend, cfg.dist.collective, cfg.dist.cpu_devices, cfg.dist.port_base) == \
+        ("mirrored", "nccl", 2, 30000)
+    with pytest.raises(ConfigError, match="'ring' is the cross-worker gRPC collective"):
+        parse(["--config", str(f), "--collective", "ring"], "t")  # the checks span TOML and CLI
+    with pytest.raises(ConfigError, match="cpu_devices.*2 needs --backend mirrored, not 'multiworker'"):
+        parse(["--config", str(f), "--backend", "multiworker", "--collective", "auto"], "t")
+
+
 def test_bad_toml(tmp_path):
     f = tmp_path / "c.toml"
     f.write_text("[optim]\nlearning_rate = 1\n")
