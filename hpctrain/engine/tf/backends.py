@@ -27,6 +27,7 @@ from hpctrain.engine.base import start_horovod
 
 class LocalBackend:
     name = "none"
+    collective_reads = False  # does reading a variable's value need every worker (tf.distribute)?
 
     def __init__(self, cfg, cluster):
         self.cfg, self.cluster = cfg, cluster

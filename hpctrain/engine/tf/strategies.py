@@ -10,6 +10,12 @@ over its local devices). The same Trainer, data, checkpoints and stop path as `h
   the strategy's own reduction: `strategy.reduce(SUM)` over a value that only the worker's first replica
   carries, so sums of integers stay exact.
 - TF_CONFIG comes from hpctrain.cluster.tf_config (the launcher's ranks, or the user's own TF_CONFIG).
+- Checkpoints: every worker reads the state (reading a variable synchronised on read is a collective), only
+  rank 0 writes it, atomically, through the same CheckpointManager; the others wait in the verdict broadcast.
+  TF's rule that non-chief workers save to a scratch directory belongs to tf.train.Checkpoint/SavedModel,
+  which this engine does not use, so nothing is written twice. Keras' BackupAndRestore is not wired: it is a
+  `model.fit` callback (fit is broken under MultiWorkerMirroredStrategy with Keras 3) and adds nothing over
+  hpctrain's checkpoint + sampler offset, which already resume mid-epoch.
 """
 from __future__ import annotations
 
@@ -28,6 +34,7 @@ from hpctrain.engine.tf.backends import LocalBackend
 
 class StrategyBackend(LocalBackend):
     """What both strategies share: the step under strategy.run, distributed input, host collectives."""
+    collective_reads = True
 
     def __init__(self, cfg, cluster, strategy):
         super().__init__(cfg, cluster)

@@ -111,11 +111,14 @@ class Trainer(EngineBase):
 
     # ---- state ---------------------------------------------------------------------------------------
     def state(self) -> dict | None:
-        if self.cluster.rank != 0:
+        """Rank 0's state to write. Under tf.distribute every worker reads it too (reading a variable
+        synchronised on read is a collective there), and only rank 0 keeps it: nothing else is written."""
+        if self.cluster.rank != 0 and not self.backend.collective_reads:
             return None
-        return {"model": [np.asarray(v) for v in self.model.weights],
-                "optimizer": [np.asarray(v) for v in self.optimizer.variables],
-                "step": self.step, "world_size": self.cluster.size, "config": self.cfg.to_dict()}
+        state = {"model": [np.asarray(v) for v in self.model.weights],
+                 "optimizer": [np.asarray(v) for v in self.optimizer.variables],
+                 "step": self.step, "world_size": self.cluster.size, "config": self.cfg.to_dict()}
+        return state if self.cluster.rank == 0 else None
 
     @staticmethod
     def write_state(state: dict, f) -> None:
