@@ -6,7 +6,6 @@ import json
 import socket
 import subprocess
 
-
 from tests.launch import ROOT, command, env, run
 from tests.parallel.test_multirank import _ok_lines
 
