@@ -1,12 +1,20 @@
 """Allreduce bandwidth: hpctrain's gradient path beside raw Horovod, raw mpi4py, torch.distributed
 (gloo on CPU, nccl on GPU) and a numpy copy, all in one run.
 
-    mpirun -np 2 python benchmarks/allreduce.py [--min-bytes 4K] [--max-bytes 256M] [--out DIR]
+    mpirun -np 2 python benchmarks/allreduce.py [--min-bytes 4K] [--max-bytes 256M] [--out DIR] [--tf-strategy]
 
 algbw = bytes / time; busbw = algbw x 2(n-1)/n (nccl-tests' definition: the traffic each link
 carries in a ring). Each point: warm-up, then repeats of a timed loop; mean +/- 1.96 sd over repeats,
 per rank and over all ranks; engines alternate within each repeat. Horovod variants (cycle time, fusion threshold, fp16 compression) need
 a fresh hvd.init, which works because mpi4py owns MPI (Horovod then leaves it initialised on shutdown).
+
+--tf-strategy adds `tf_multiworker_ring`: the collective of hpctrain's TF `--backend multiworker`
+(MultiWorkerMirroredStrategy, RING = gRPC, one worker per rank, built by hpctrain's own MultiWorkerBackend
+with the TF_CONFIG it derives from this mpirun, on free ports), timed as one tf.function call of
+`strategy.run(replica_context.all_reduce(SUM, x))` on a float32 tensor of the size: the replica-context
+all-reduce Keras' optimizer issues inside `apply_gradients` in hpctrain's step. TensorFlow is imported only
+with the flag, after torch/Horovod/gloo are up and before any TF op (the strategy must configure TF's
+collectives first); TF sees no GPU (gpus=[]): on a GPU node this row is the CPU ring, not NCCL. Needs np >= 2.
 """
 from __future__ import annotations
 
@@ -53,7 +61,45 @@ def timed_interleaved(fns: dict, repeats: int, budget_s: float) -> dict[str, lis
     return out
 
 
-def engines(nbytes: int, device: torch.device, hvd, hpctrain_opt, gloo_ready: bool):
+def tf_strategy_engine(cluster, port_base: int):
+    """hpctrain's MultiWorkerBackend (RING on CPU) -> make(nbytes): a call that all-reduces nbytes of float32
+    across the workers. Every rank calls this at the same point (the strategy starts one gRPC server each)."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import tensorflow as tf
+    from hpctrain.cluster import port_in_use
+    from hpctrain.config import DistConfig
+    from hpctrain.engine.tf.strategies import MultiWorkerBackend
+
+    tf.config.set_visible_devices([], "GPU")
+    tf.config.threading.set_intra_op_parallelism_threads(1)  # as torch here, and hpctrain's TF runtime at 1 thread
+    tf.config.threading.set_inter_op_parallelism_threads(1)
+    if not port_base:  # rank 0 picks base..base+n-1 free on its host; a fixed one collides with other jobs
+        if COMM.Get_rank() == 0:
+            port_base = next(b for b in range(42000, 60000, 97)
+                             if not any(port_in_use(b + k) for k in range(COMM.Get_size())))
+        port_base = COMM.bcast(port_base, root=0)
+    backend = MultiWorkerBackend(DistConfig(framework="tf", backend="multiworker", collective="ring",
+                                            port_base=port_base), cluster, gpus=[])
+    strategy = backend.strategy
+
+    @tf.function
+    def all_reduce(x):
+        # tf.identity: the replica's own tensor (the argument itself is placed on no device, and the
+        # cross-device reduction then finds no destination)
+        out = strategy.run(lambda t: tf.distribute.get_replica_context().all_reduce("SUM", tf.identity(t)),
+                           args=(x,))
+        return strategy.experimental_local_results(out)[0]
+
+    def make(nbytes: int):
+        x = tf.ones(nbytes // 4, dtype=tf.float32)
+        got = float(all_reduce(x)[0])  # traces this shape; and proves the sum is really taken
+        if got != COMM.Get_size():
+            raise SystemExit(f"error: tf_multiworker_ring: SUM of ones over {COMM.Get_size()} workers gave {got}")
+        return lambda: all_reduce(x)  # returns once the result is computed (eager, CPU)
+    return make, {"collective": backend.collective, "port_base": port_base, "tensorflow": tf.__version__}
+
+
+def engines(nbytes: int, device: torch.device, hvd, hpctrain_opt, gloo_ready: bool, tf_make=None):
     n = nbytes // 4
     a = np.ones(n, dtype=np.float32)
     b = np.empty_like(a)
@@ -69,6 +115,8 @@ def engines(nbytes: int, device: torch.device, hvd, hpctrain_opt, gloo_ready: bo
     if gloo_ready:
         import torch.distributed as dist
         yield "torch_" + dist.get_backend(), lambda: dist.all_reduce(t)
+    if tf_make is not None:
+        yield "tf_multiworker_ring", tf_make(nbytes)
 
 
 def horovod_variant(hvd, name: str, nbytes: int, device, env: dict, compression=None, pieces: int = 1):
@@ -95,6 +143,10 @@ def main():
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--budget-s", type=float, default=1.0, help="seconds per (engine, size) point, roughly")
     p.add_argument("--variant-sizes", default="1M,16M,64M", help="sizes for the Horovod variants")
+    p.add_argument("--tf-strategy", action="store_true",
+                   help="also time the MultiWorkerMirroredStrategy RING collective of hpctrain's TF engine (np >= 2)")
+    p.add_argument("--tf-port-base", type=int, default=0,
+                   help="--tf-strategy: worker k listens on base + k (0: rank 0 finds free ports)")
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--tag", default="")
     a = p.parse_args()
@@ -119,6 +171,11 @@ def main():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=f"tcp://{addr}:{port}",
                                 rank=rank, world_size=n)
         gloo = True
+    tf_make, tf_info = None, None
+    if a.tf_strategy and n > 1:
+        tf_make, tf_info = tf_strategy_engine(cluster, a.tf_port_base)
+    elif a.tf_strategy and rank == 0:
+        print("--tf-strategy: skipped at np=1 (MultiWorkerMirroredStrategy needs >= 2 workers)", flush=True)
 
     sizes, s = [], parse_bytes(a.min_bytes)
     while s <= parse_bytes(a.max_bytes):
@@ -147,7 +204,7 @@ def main():
         del model.bias
         opt = torch.optim.SGD(model.parameters(), lr=0.0)
         _, hopt = backend.wrap(model, opt)
-        for engine, per_call in timed_interleaved(dict(engines(nbytes, device, hvd, hopt, gloo)),
+        for engine, per_call in timed_interleaved(dict(engines(nbytes, device, hvd, hopt, gloo, tf_make)),
                                                   a.repeats, a.budget_s).items():
             record(engine, nbytes, per_call)
         hvd.allreduce(torch.zeros(1), name=f"sync.{nbytes}")  # keep ranks in step between sizes
@@ -169,12 +226,13 @@ def main():
     if rank == 0:
         hvd_env = {k: v for k, v in os.environ.items() if k.startswith("HOROVOD_")}
         save_results("allreduce", {"np": n, "device": str(device), "horovod_env_at_start": start_env,
-                                   "horovod_env_at_end": hvd_env, "rows": rows,
+                                   "horovod_env_at_end": hvd_env, "tf_strategy": tf_info, "rows": rows,
                                    "ratios": ratios(rows)}, a.out, a.tag, plot=plot)
 
 
 def ratios(rows) -> dict:
-    """Per size: hpctrain / horovod, best engine / numpy copy (busbw)."""
+    """Per size: hpctrain / horovod, best engine / numpy copy, and with --tf-strategy the TF ring / horovod
+    and / mpi4py (busbw)."""
     by = {(r["engine"], r["bytes"]): r["busbw_GBps"] for r in rows}
     out = {}
     for nbytes in sorted({r["bytes"] for r in rows}):
@@ -183,6 +241,10 @@ def ratios(rows) -> dict:
             out[str(nbytes)] = {"hpctrain_vs_horovod": by["hpctrain", nbytes] / by["horovod", nbytes],
                                 "best_engine_vs_numpy_copy": best / by["numpy_copy", nbytes],
                                 "mpi4py_vs_horovod": by["mpi4py", nbytes] / by["horovod", nbytes]}
+            if ("tf_multiworker_ring", nbytes) in by:
+                tf_ring = by["tf_multiworker_ring", nbytes]
+                out[str(nbytes)].update(tf_multiworker_ring_vs_horovod=tf_ring / by["horovod", nbytes],
+                                        tf_multiworker_ring_vs_mpi4py=tf_ring / by["mpi4py", nbytes])
     return out
 
 

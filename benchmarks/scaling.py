@@ -1,7 +1,8 @@
 """Training throughput at np = 1..N: hpctrain (Horovod and DDP backends) beside a minimal plain-Horovod
-loop, all on synthetic data, 1 thread per rank on CPU.
+loop, all on synthetic data, 1 thread per rank on CPU; with `--engines tf` (or `all`) also hpctrain's
+TensorFlow engine.
 
-    python benchmarks/scaling.py --max-np 2 [--arch resnet18] [--image-size 64] [--steps 12]
+    python benchmarks/scaling.py --max-np 2 [--arch resnet18] [--image-size 64] [--steps 12] [--engines torch,tf]
 
 Scaling efficiency E(n) = T(n) / (n T(1)) on total samples/s. hpctrain's throughput is the Trainer's
 own epoch figure (first 2 steps excluded, like the peer). The plain loop runs twice: with Horovod's
@@ -10,7 +11,24 @@ default cycle time (what a user gets) and with hpctrain's CPU setting (the like-
 The machine's ceiling for n ranks (`ceiling_no_comm`): the same plain step run by n processes that never
 communicate (started together, timed over the same window, rates summed). Two processes on two cores
 slow each other through memory bandwidth, caches and clock; that loss is the machine's, not ours.
-Each row also gets `efficiency_vs_ceiling` = T(n) / ceiling(n): what the software controls.
+Each torch row also gets `efficiency_vs_ceiling` = T(n) / ceiling(n): what the software controls.
+
+Engines (`--engines`, a comma list of names or groups; default `torch`, today's five rows):
+  torch  hpctrain_horovod, hpctrain_ddp, plain_horovod_cycle10ms, plain_horovod_default, ceiling_no_comm
+  tf     hpctrain's TensorFlow engine (`--framework tf`), the same model, data and step count:
+         tf_horovod      mpirun -np n, --backend horovod, 1 intra-op thread per rank
+         tf_multiworker  mpirun -np n, --backend multiworker (MultiWorkerMirroredStrategy, one worker per rank,
+                         TF_CONFIG built by hpctrain on free ports; --collective auto = ring on CPU), 1 thread
+                         per rank. Not run at np=1: hpctrain refuses one worker without a hand-written TF_CONFIG,
+                         so its row there is null (`skipped`) and its efficiency uses tf_horovod np=1 as T(1)
+                         (each row names its baseline in `efficiency_baseline`).
+         tf_mirrored     ONE process, --backend mirrored --cpu-devices n (n logical CPU devices = n replicas,
+                         --batch-size each) and --threads n: one process cannot give each replica its own
+                         1-thread pool, so its n replicas share n intra-op threads, the same n cores the n
+                         ranks of the other rows get.
+  all    both groups
+efficiency_vs_ceiling is null for TF rows: the ceiling is a torch step, so that ratio would measure the
+frameworks, not the communication. TF ratios (tf_*_vs_tf_horovod) compare the TF rows with each other.
 """
 from __future__ import annotations
 
@@ -26,6 +44,16 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from benchmarks.common import save_results  # noqa: E402
 
+TORCH_ENGINES = ("hpctrain_horovod", "hpctrain_ddp", "plain_horovod_cycle10ms", "plain_horovod_default",
+                 "ceiling_no_comm")
+TF_ENGINES = ("tf_horovod", "tf_multiworker", "tf_mirrored")
+GROUPS = {"torch": TORCH_ENGINES, "tf": TF_ENGINES, "all": TORCH_ENGINES + TF_ENGINES}
+MULTIWORKER_NP1 = "MultiWorkerMirroredStrategy needs >= 2 workers here (hpctrain refuses one without a TF_CONFIG)"
+
+
+class Skipped(Exception):
+    """A row that cannot run at this np: recorded as null with the reason."""
+
 
 def mpirun(np_: int, args: list[str], env: dict | None = None) -> str:
     cmd = ["mpirun", "-np", str(np_), "--oversubscribe", "--bind-to", "none", sys.executable, *args]
@@ -37,23 +65,101 @@ def mpirun(np_: int, args: list[str], env: dict | None = None) -> str:
     return p.stdout
 
 
-def hpctrain_rate(np_: int, a, backend: str) -> float:
+def free_port_base(n: int) -> int:
+    """A base port with base..base+n-1 free here (tf_multiworker's workers listen there; a fixed base
+    collides with any other job on this machine, e.g. a test run using hpctrain's default 23456)."""
+    from hpctrain.cluster import port_in_use
+    for base in range(41000, 60000, 97):
+        if not any(port_in_use(base + k) for k in range(n)):
+            return base
+    raise SystemExit(f"error: no {n} free ports between 41000 and 60000")
+
+
+def hpctrain_rate(np_: int, a, backend: str, framework: str = "torch", replicas: int = 1, threads: int = 1,
+                  extra: tuple = ()) -> tuple[float, dict]:
+    """Total samples/s of `np_` processes, each with `replicas` replicas of --batch-size (mirrored: 1 process,
+    n replicas). The epoch record's samples_per_s_rank is the process's own rate after 2 warm-up steps,
+    counting every sample the process trains per step (hpctrain's samples_per_step = batch x micro-batches
+    x local replicas): for mirrored that is all n replicas, for horovod/ddp/multiworker one rank. Times the
+    number of processes it is the total in every layout. (The `train` window record's samples_per_s_total
+    is summed over processes too, but it times the whole window, tracing and compilation included; its
+    samples_per_s_rank is per replica, not per process.)
+
+    The epoch figure is taken after the end-of-epoch checkpoint (hpctrain.loop saves, then logs the epoch
+    rate), a cost the plain peer does not pay. It stays the row's figure (as in earlier results); the save's
+    time (epoch record's time - last train record's, both written by rank 0 with nothing else between) is
+    returned beside it with the rate without it: `checkpoint_save_s`, `samples_per_s_total_excl_save`."""
     with tempfile.TemporaryDirectory() as run_dir:
-        mpirun(np_, ["-m", "hpctrain.resnet", "--backend", backend, "--dataset", "synthetic", "--arch", a.arch,
+        mpirun(np_, ["-m", "hpctrain.resnet", "--framework", framework, "--backend", backend, *extra,
+                     "--dataset", "synthetic", "--arch", a.arch,
                      "--image-size", str(a.image_size), "--batch-size", str(a.batch_size),
-                     "--synthetic-size", str(np_ * a.batch_size * a.steps), "--epochs", "1", "--threads", "1",
+                     "--synthetic-size", str(np_ * replicas * a.batch_size * a.steps), "--epochs", "1",
+                     "--threads", str(threads),
                      "--workers", "0", "--eval-every-epoch", "false", "--tensorboard", "false",
                      "--progress", "never", "--log-every", str(a.steps), "--resume", "never",
-                     "--warmup-epochs", "0", "--run-dir", run_dir])
+                     "--warmup-epochs", "0", "--run-dir", run_dir], {"TF_CPP_MIN_LOG_LEVEL": "2"})
         rows = [json.loads(line) for line in Path(run_dir, "metrics.jsonl").read_text().splitlines()]
-        per_rank = next(r for r in rows if r["kind"] == "epoch")["samples_per_s_rank"]
-        return per_rank * np_  # ranks move in lock-step (allreduce every step)
+        epoch = next(r for r in rows if r["kind"] == "epoch")
+        last_train = [r for r in rows if r["kind"] == "train"][-1]  # the last step's window, before the save
+        per_process = epoch["samples_per_s_rank"]
+        timed = (a.steps - 2) * a.batch_size * replicas  # this process's samples after the 2 warm-up steps
+        save_s = epoch["time"] - last_train["time"]
+        without = timed / (timed / per_process - save_s) if timed / per_process > save_s > 0 else None
+        # processes move in lock-step (one reduction every step): one process's rate x processes = total
+        return per_process * np_, {"checkpoint_save_s": save_s,
+                                   "samples_per_s_total_excl_save": without and without * np_}
 
 
-def plain_rate(np_: int, a, env: dict, extra: tuple = ()) -> float:
+def tf_multiworker_rate(n: int, a) -> tuple[float, dict]:
+    if n < 2:
+        raise Skipped(MULTIWORKER_NP1)
+    return hpctrain_rate(n, a, "multiworker", "tf", extra=("--port-base", str(free_port_base(n))))
+
+
+def plain_rate(np_: int, a, env: dict, extra: tuple = ()) -> tuple[float, dict]:
     out = mpirun(np_, ["benchmarks/plain_horovod.py", "--arch", a.arch, "--image-size", str(a.image_size),
                        "--batch-size", str(a.batch_size), "--steps", str(a.steps), *extra], env)
-    return json.loads(out.strip().splitlines()[-1])["samples_per_s_total"]
+    return json.loads(out.strip().splitlines()[-1])["samples_per_s_total"], {}
+
+
+def parse_engines(text: str) -> list[str]:
+    names: list[str] = []
+    for item in (x.strip() for x in text.split(",") if x.strip()):
+        if item not in GROUPS and item not in GROUPS["all"]:
+            raise SystemExit(f"error: --engines: {item!r} is neither a group ({', '.join(GROUPS)}) "
+                             f"nor an engine ({', '.join(GROUPS['all'])})")
+        names += [e for e in GROUPS.get(item, (item,)) if e not in names]
+    if not names:
+        raise SystemExit("error: --engines is empty")
+    return names
+
+
+def efficiency_baseline(engine: str, base: dict) -> str | None:
+    """The engine whose np=1 rate is T(1) for `engine`: its own, else (tf_multiworker) tf_horovod's."""
+    if base.get(engine):
+        return engine
+    if engine == "tf_multiworker" and base.get("tf_horovod"):
+        return "tf_horovod"
+    return None
+
+
+def ratios(rows: list[dict], nps) -> dict:
+    """Per np, every ratio whose two rows were measured there (a missing or skipped row drops only its ratios)."""
+    by = {(r["engine"], r["np"]): r["samples_per_s_total"] for r in rows if r["samples_per_s_total"]}
+    pairs = {"hpctrain_vs_plain_horovod_same_cycle": ("hpctrain_horovod", "plain_horovod_cycle10ms"),
+             "hpctrain_vs_plain_horovod_default": ("hpctrain_horovod", "plain_horovod_default"),
+             "hpctrain_horovod_vs_ddp": ("hpctrain_horovod", "hpctrain_ddp"),
+             "hpctrain_horovod_vs_ceiling": ("hpctrain_horovod", "ceiling_no_comm"),
+             "tf_multiworker_vs_tf_horovod": ("tf_multiworker", "tf_horovod"),
+             "tf_mirrored_vs_tf_horovod": ("tf_mirrored", "tf_horovod"),
+             "tf_horovod_vs_hpctrain_horovod": ("tf_horovod", "hpctrain_horovod")}
+    out = {}
+    for n in nps:
+        r = {k: by[x, n] / by[y, n] for k, (x, y) in pairs.items() if (x, n) in by and (y, n) in by}
+        if ("ceiling_no_comm", n) in by and ("ceiling_no_comm", 1) in by:
+            r["ceiling_vs_linear"] = by["ceiling_no_comm", n] / (n * by["ceiling_no_comm", 1])
+        out[str(n)] = r
+    return out
 
 
 def main():
@@ -63,36 +169,60 @@ def main():
     p.add_argument("--image-size", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--steps", type=int, default=12)
+    p.add_argument("--engines", default="torch", help="comma list of groups (torch, tf, all) or engine names "
+                                                      "(default: torch)")
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--tag", default="")
     a = p.parse_args()
     if a.steps < 4:
         raise SystemExit(f"error: --steps {a.steps}: need at least 4 (2 are warm-up)")
+    engines = parse_engines(a.engines)
     runners = {"hpctrain_horovod": lambda n: hpctrain_rate(n, a, "horovod"),
                "hpctrain_ddp": lambda n: hpctrain_rate(n, a, "ddp"),
                "plain_horovod_cycle10ms": lambda n: plain_rate(n, a, {"HOROVOD_CYCLE_TIME": "10"}),
                "plain_horovod_default": lambda n: plain_rate(n, a, {}),
-               "ceiling_no_comm": lambda n: plain_rate(n, a, {"HOROVOD_CYCLE_TIME": "10"}, ("--no-comm",))}
+               "ceiling_no_comm": lambda n: plain_rate(n, a, {"HOROVOD_CYCLE_TIME": "10"}, ("--no-comm",)),
+               "tf_horovod": lambda n: hpctrain_rate(n, a, "horovod", "tf"),
+               "tf_multiworker": lambda n: tf_multiworker_rate(n, a),
+               # one process, n logical CPUs = n replicas sharing n intra-op threads (see the docstring)
+               "tf_mirrored": lambda n: hpctrain_rate(1, a, "mirrored", "tf", replicas=n, threads=n,
+                                                      extra=("--cpu-devices", str(n)))}
+    threads = {"tf_mirrored": lambda n: n}  # intra-op threads of each process; 1 for all other rows
     rows = []
     for n in range(1, a.max_np + 1):
-        for name, fn in runners.items():
-            total = fn(n)
-            rows.append({"engine": name, "np": n, "samples_per_s_total": total, "samples_per_s_rank": total / n})
-            print(f"{name:>24} np={n}  {total:8.1f} samples/s total  {total / n:8.1f} per rank", flush=True)
+        for name in engines:
+            row = {"engine": name, "np": n, "processes": 1 if name == "tf_mirrored" else n,
+                   "threads_per_process": threads.get(name, lambda _: 1)(n)}
+            try:
+                total, more = runners[name](n)
+            except Skipped as why:
+                rows.append({**row, "samples_per_s_total": None, "samples_per_s_rank": None, "skipped": str(why)})
+                print(f"{name:>24} np={n}  skipped: {why}", flush=True)
+                continue
+            # samples_per_s_rank: per replica (n replicas in every row, also tf_mirrored's one process)
+            rows.append({**row, "samples_per_s_total": total, "samples_per_s_rank": total / n, **more})
+            note = (f"  ({more['samples_per_s_total_excl_save']:.1f} without the {more['checkpoint_save_s']:.2f} s "
+                    "checkpoint save)" if more.get("samples_per_s_total_excl_save") else "")
+            print(f"{name:>24} np={n}  {total:8.1f} samples/s total  {total / n:8.1f} per replica{note}", flush=True)
     base = {r["engine"]: r["samples_per_s_total"] for r in rows if r["np"] == 1}
     ceiling = {r["np"]: r["samples_per_s_total"] for r in rows if r["engine"] == "ceiling_no_comm"}
     for r in rows:
-        r["efficiency"] = r["samples_per_s_total"] / (r["np"] * base[r["engine"]])
-        r["efficiency_vs_ceiling"] = r["samples_per_s_total"] / ceiling[r["np"]]
-    by = {(r["engine"], r["np"]): r["samples_per_s_total"] for r in rows}
-    ratios = {str(n): {"hpctrain_vs_plain_horovod_same_cycle": by["hpctrain_horovod", n] / by["plain_horovod_cycle10ms", n],
-                       "hpctrain_vs_plain_horovod_default": by["hpctrain_horovod", n] / by["plain_horovod_default", n],
-                       "hpctrain_horovod_vs_ddp": by["hpctrain_horovod", n] / by["hpctrain_ddp", n],
-                       "hpctrain_horovod_vs_ceiling": by["hpctrain_horovod", n] / by["ceiling_no_comm", n],
-                       "ceiling_vs_linear": by["ceiling_no_comm", n] / (n * by["ceiling_no_comm", 1])}
-              for n in range(1, a.max_np + 1)}
+        ref = efficiency_baseline(r["engine"], base)
+        total = r["samples_per_s_total"]
+        r["efficiency_baseline"] = f"{ref} np=1" if ref else None
+        r["efficiency"] = total / (r["np"] * base[ref]) if total and ref else None
+        torch_row = r["engine"] in TORCH_ENGINES
+        r["efficiency_vs_ceiling"] = total / ceiling[r["np"]] if total and torch_row and ceiling.get(r["np"]) else None
+    for r in rows:  # say so where T(1) is another engine's
+        if r["efficiency"] is not None and r["efficiency_baseline"] != f"{r['engine']} np=1":
+            print(f"{r['engine']:>24} np={r['np']}  efficiency {r['efficiency']:.3f} against "
+                  f"{r['efficiency_baseline']}", flush=True)
+    nps = range(1, a.max_np + 1)
     save_results("scaling", {"arch": a.arch, "image_size": a.image_size, "batch_size": a.batch_size,
-                             "steps": a.steps, "threads_per_rank": 1, "rows": rows, "ratios": ratios},
+                             "steps": a.steps, "engines": engines, "threads_per_rank": 1,
+                             "threads_note": "1 intra-op thread per process, except tf_mirrored: one process "
+                                             "with n threads for its n replicas",
+                             "rows": rows, "ratios": ratios(rows, nps)},
                  a.out, a.tag, plot=plot)
 
 
@@ -102,16 +232,23 @@ def plot(result: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for engine in dict.fromkeys(r["engine"] for r in result["rows"]):
-        pts = [(r["np"], r["samples_per_s_total"]) for r in result["rows"] if r["engine"] == engine]
-        style = {"linestyle": "--", "color": "grey"} if engine == "ceiling_no_comm" else {}
-        ax.plot(*zip(*pts), marker="o", label=engine, **style)
+        pts = [(r["np"], r["samples_per_s_total"]) for r in result["rows"]
+               if r["engine"] == engine and r["samples_per_s_total"]]
+        if not pts:
+            continue
+        style = ({"linestyle": "--", "color": "grey"} if engine == "ceiling_no_comm" else
+                 {"linestyle": "-.", "marker": "s"} if engine.startswith("tf_") else {"marker": "o"})
+        label = engine + (" (1 process)" if engine == "tf_mirrored" else "")
+        ax.plot(*zip(*pts), label=label, **{"marker": "o", **style})
     nps = sorted({r["np"] for r in result["rows"]})
-    one = next(r["samples_per_s_total"] for r in result["rows"] if r["engine"] == "hpctrain_horovod" and r["np"] == 1)
-    ax.plot(nps, [one * n for n in nps], "k:", label="linear (hpctrain np=1)")
-    ax.set_xlabel("ranks")
+    one = {r["engine"]: r["samples_per_s_total"] for r in result["rows"] if r["np"] == 1 and r["samples_per_s_total"]}
+    ref = next((e for e in ("hpctrain_horovod", "tf_horovod", *one) if e in one), None)
+    if ref:
+        ax.plot(nps, [one[ref] * n for n in nps], "k:", label=f"linear ({ref} np=1)")
+    ax.set_xlabel("ranks (tf_mirrored: replicas in one process)")
     ax.set_ylabel("samples/s (total)")
     ax.set_xticks(nps)
-    ax.set_title(f"{result['arch']} {result['image_size']}px, batch {result['batch_size']}/rank, synthetic")
+    ax.set_title(f"{result['arch']} {result['image_size']}px, batch {result['batch_size']}/replica, synthetic")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

@@ -19,12 +19,15 @@ def _positive_finite(value):
 
 def test_allreduce_smoke(tmp_path):
     p = run("mpirun", 2, ["benchmarks/allreduce.py", "--min-bytes", "4K", "--max-bytes", "16K", "--variant-sizes",
-                          "16K", "--repeats", "2", "--budget-s", "0.05", "--out", str(tmp_path)], timeout=300)
+                          "16K", "--repeats", "2", "--budget-s", "0.05", "--tf-strategy", "--out", str(tmp_path)],
+            timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     data = _result(tmp_path, "allreduce")
     engines = {r["engine"] for r in data["rows"]}
     assert {"numpy_copy", "mpi4py", "horovod", "hpctrain", "torch_gloo", "hvd_cycle1ms", "hvd_cycle10ms",
-            "hvd_cycle1ms_fp16"} <= engines
+            "hvd_cycle1ms_fp16", "tf_multiworker_ring"} <= engines
+    assert data["tf_strategy"]["collective"] == "RING"
+    assert all("tf_multiworker_ring_vs_horovod" in ratio for ratio in data["ratios"].values())
     assert data["np"] == 2 and sorted({r["bytes"] for r in data["rows"]}) == [4096, 16384]
     for r in data["rows"]:
         assert all(_positive_finite(r[k]) for k in ("time_s", "algbw_GBps", "busbw_GBps")), r
@@ -45,6 +48,28 @@ def test_scaling_smoke(tmp_path):
                                                     "efficiency_vs_ceiling")), r
     assert {r["efficiency_vs_ceiling"] for r in data["rows"] if r["engine"] == "ceiling_no_comm"} == {1.0}
     assert all(_positive_finite(v) for ratio in data["ratios"].values() for v in ratio.values())
+
+
+def test_scaling_tf_smoke(tmp_path):
+    p = run("single", 1, ["benchmarks/scaling.py", "--max-np", "2", "--image-size", "32", "--batch-size", "4",
+                          "--steps", "4", "--engines", "tf", "--out", str(tmp_path)], timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    data = _result(tmp_path, "scaling")
+    rows = {(r["engine"], r["np"]): r for r in data["rows"]}
+    assert set(rows) == {(e, n) for e in ("tf_horovod", "tf_multiworker", "tf_mirrored") for n in (1, 2)}
+    skipped = rows["tf_multiworker", 1]  # one worker: not run, said so, and np=2 is measured against tf_horovod
+    assert skipped["samples_per_s_total"] is None and skipped["efficiency"] is None and skipped["skipped"]
+    assert rows["tf_multiworker", 2]["efficiency_baseline"] == "tf_horovod np=1"
+    assert rows["tf_mirrored", 2]["processes"] == 1 and rows["tf_mirrored", 2]["threads_per_process"] == 2
+    for key, r in rows.items():
+        if key != ("tf_multiworker", 1):
+            assert all(_positive_finite(r[k]) for k in ("samples_per_s_total", "samples_per_s_rank", "efficiency",
+                                                        "checkpoint_save_s", "samples_per_s_total_excl_save")), r
+        assert r["efficiency_vs_ceiling"] is None, r  # the ceiling is a torch step
+    assert set(data["ratios"]["1"]) == {"tf_mirrored_vs_tf_horovod"}
+    assert set(data["ratios"]["2"]) == {"tf_mirrored_vs_tf_horovod", "tf_multiworker_vs_tf_horovod"}
+    assert all(_positive_finite(v) for ratio in data["ratios"].values() for v in ratio.values())
+    assert list(tmp_path.glob("*-scaling.png"))
 
 
 def test_dataloading_smoke(tmp_path):
