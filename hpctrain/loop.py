@@ -69,10 +69,11 @@ def train(engine: Engine, cfg: RunConfig, rank: int, preemption=None) -> dict:
                                                                  engine.agree):
                 stopped_by = preemption.reason
                 break
+        rate = epoch_rate.rate()  # the epoch's training steps, before the end-of-epoch save
         if not saved:
             engine.save()  # end of epoch, a stop at max_steps or on a signal: always resumable from here
         if engine.step % engine.steps_per_epoch == 0:  # also when the stop fell on an epoch's last step
-            engine.logger.log(engine.step, "epoch", {"epoch": epoch, "samples_per_s_rank": epoch_rate.rate()})
+            engine.logger.log(engine.step, "epoch", {"epoch": epoch, "samples_per_s_rank": rate})
             if cfg.eval_every_epoch and engine.has_validation:
                 result.update(engine.evaluate())
     if stopped_by is not None:

@@ -129,3 +129,24 @@ def test_non_finite_loss_stops_before_a_save(tmp_path):
 def test_loop_imports_no_framework():
     code = "import sys, hpctrain.loop; assert not {'torch', 'tensorflow'} & set(sys.modules)"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_epoch_rate_counts_training_steps_not_the_end_of_epoch_save(tmp_path):
+    # A slow save (a large checkpoint, a slow file system) must not show up as slow training: the epoch's
+    # samples/s is taken before its closing save. Each step takes >= 10 ms, the save 1 s.
+    import time
+
+    class Slow(NumpyEngine):
+        def train_step(self, micro_batches):
+            time.sleep(0.01)
+            return super().train_step(micro_batches)
+
+        def save(self):
+            time.sleep(1.0)
+            super().save()
+
+    e = Slow(n=64, batch=4, epochs=1)  # 16 steps, 14 timed (2 warm-up): ~0.14 s of training
+    loop.train(e, run_cfg(tmp_path, epochs=1, log_every=4), 0)
+    rate = [r for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines())
+            if r["kind"] == "epoch"][0]["samples_per_s_rank"]
+    assert rate > 4 * 14 / 0.9, rate  # with the save inside the window it would be below 4 x 14 / 1.14 = 49
