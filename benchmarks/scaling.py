@@ -1,12 +1,31 @@
 """Training throughput at np = 1..N: hpctrain (Horovod and DDP backends) beside a minimal plain-Horovod
 loop, all on synthetic data, 1 thread per rank on CPU; with `--engines tf` (or `all`) also hpctrain's
-TensorFlow engine.
+TensorFlow engine. `--model bert` runs the same rows for BERT MLM (hpctrain on its built-in corpus).
 
     python benchmarks/scaling.py --max-np 2 [--arch resnet18] [--image-size 64] [--steps 12] [--engines torch,tf]
+    python benchmarks/scaling.py --max-np 2 --model bert [--bert-preset tiny] [--seq-len 128] [--engines all]
 
 Scaling efficiency E(n) = T(n) / (n T(1)) on total samples/s. hpctrain's throughput is the Trainer's
-own epoch figure (first 2 steps excluded, like the peer). The plain loop runs twice: with Horovod's
-default cycle time (what a user gets) and with hpctrain's CPU setting (the like-for-like peer).
+own epoch figure (first 2 steps excluded, like the peer; since hpctrain.loop's fix it is taken before
+the end-of-epoch checkpoint save, so the save is outside the window as it is for the peer). The plain
+loop runs twice: with Horovod's default cycle time (what a user gets) and with hpctrain's CPU setting
+(the like-for-like peer).
+
+Models (`--model`):
+  resnet  (default) --arch at --image-size on hpctrain's synthetic images; the peer: fixed random images.
+  bert    BertForMaskedLM of --bert-preset (tiny 2x128 by default), --seq-len tokens; a sample is one
+          sequence. hpctrain's rows train on hpctrain's built-in corpus (standard-library docstrings),
+          prepared once before any timing into --corpus-cache (a fresh temporary directory by default;
+          hpctrain's own preparation: WordPiece vocabulary 8000, --seq-len). hpctrain writes its epoch
+          record only at an epoch end, so each row trains on a corpus directory holding exactly the first
+          processes x replicas x batch x steps sequences of it (--val-fraction 0): one epoch = --steps
+          steps. Too few sequences in the corpus is an error before anything runs. Optimizer AdamW
+          (lr 1e-4 per rank, linear scaling) in hpctrain and the peer. The peer (plain_horovod.py --model
+          bert) builds the same BertForMaskedLM on one fixed batch of random ids with ~15% of positions
+          labelled and the corpus' vocabulary size, and scores only the labelled positions, as hpctrain's
+          torch task does under Horovod; hpctrain's DDP path (and its TF engine) project every position
+          onto the vocabulary, which costs BERT-tiny about as much as the encoder.
+          Results go to a separate file (`scaling-bert`), with model, preset, seq_len and vocab_size.
 
 The machine's ceiling for n ranks (`ceiling_no_comm`): the same plain step run by n processes that never
 communicate (started together, timed over the same window, rates summed). Two processes on two cores
@@ -43,12 +62,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from benchmarks.common import save_results  # noqa: E402
+from hpctrain.models.names import BERT_SIZES  # noqa: E402  (no torch, TF or transformers import)
 
 TORCH_ENGINES = ("hpctrain_horovod", "hpctrain_ddp", "plain_horovod_cycle10ms", "plain_horovod_default",
                  "ceiling_no_comm")
 TF_ENGINES = ("tf_horovod", "tf_multiworker", "tf_mirrored")
 GROUPS = {"torch": TORCH_ENGINES, "tf": TF_ENGINES, "all": TORCH_ENGINES + TF_ENGINES}
 MULTIWORKER_NP1 = "MultiWorkerMirroredStrategy needs >= 2 workers here (hpctrain refuses one without a TF_CONFIG)"
+
+
+BERT_LR = 1e-4  # AdamW, per rank (hpctrain scales it linearly, the peer by hand); speed does not depend on it
+BERT_VOCAB = 8000  # the WordPiece vocabulary asked of the built-in corpus (hpctrain's --vocab-size default)
 
 
 class Skipped(Exception):
@@ -76,7 +100,7 @@ def free_port_base(n: int) -> int:
 
 
 def hpctrain_rate(np_: int, a, backend: str, framework: str = "torch", replicas: int = 1, threads: int = 1,
-                  extra: tuple = ()) -> tuple[float, dict]:
+                  extra: tuple = ()) -> float:
     """Total samples/s of `np_` processes, each with `replicas` replicas of --batch-size (mirrored: 1 process,
     n replicas). The epoch record's samples_per_s_rank is the process's own rate after 2 warm-up steps,
     counting every sample the process trains per step (hpctrain's samples_per_step = batch x micro-batches
@@ -85,41 +109,88 @@ def hpctrain_rate(np_: int, a, backend: str, framework: str = "torch", replicas:
     is summed over processes too, but it times the whole window, tracing and compilation included; its
     samples_per_s_rank is per replica, not per process.)
 
-    The epoch figure is taken after the end-of-epoch checkpoint (hpctrain.loop saves, then logs the epoch
-    rate), a cost the plain peer does not pay. It stays the row's figure (as in earlier results); the save's
-    time (epoch record's time - last train record's, both written by rank 0 with nothing else between) is
-    returned beside it with the rate without it: `checkpoint_save_s`, `samples_per_s_total_excl_save`."""
+    The epoch figure excludes the end-of-epoch checkpoint save: since hpctrain.loop's fix the epoch rate
+    is taken when its last training step ends, before the save (earlier results, before that fix, had
+    the save inside the window and are lower by it)."""
+    samples = np_ * replicas * a.batch_size * a.steps  # one epoch = exactly --steps steps
+    if a.model == "bert":
+        data = ["-m", "hpctrain.bert", "--corpus", a.corpus.subset(samples), "--val-fraction", "0",
+                "--preset", a.bert_preset, "--optimizer", "adamw", "--lr", str(BERT_LR)]
+    else:
+        data = ["-m", "hpctrain.resnet", "--dataset", "synthetic", "--arch", a.arch,
+                "--image-size", str(a.image_size), "--synthetic-size", str(samples)]
     with tempfile.TemporaryDirectory() as run_dir:
-        mpirun(np_, ["-m", "hpctrain.resnet", "--framework", framework, "--backend", backend, *extra,
-                     "--dataset", "synthetic", "--arch", a.arch,
-                     "--image-size", str(a.image_size), "--batch-size", str(a.batch_size),
-                     "--synthetic-size", str(np_ * replicas * a.batch_size * a.steps), "--epochs", "1",
+        mpirun(np_, [*data[:2], "--framework", framework, "--backend", backend, *extra, *data[2:],
+                     "--batch-size", str(a.batch_size), "--epochs", "1",
                      "--threads", str(threads),
                      "--workers", "0", "--eval-every-epoch", "false", "--tensorboard", "false",
                      "--progress", "never", "--log-every", str(a.steps), "--resume", "never",
                      "--warmup-epochs", "0", "--run-dir", run_dir], {"TF_CPP_MIN_LOG_LEVEL": "2"})
         rows = [json.loads(line) for line in Path(run_dir, "metrics.jsonl").read_text().splitlines()]
-        epoch = next(r for r in rows if r["kind"] == "epoch")
-        last_train = [r for r in rows if r["kind"] == "train"][-1]  # the last step's window, before the save
-        per_process = epoch["samples_per_s_rank"]
-        timed = (a.steps - 2) * a.batch_size * replicas  # this process's samples after the 2 warm-up steps
-        save_s = epoch["time"] - last_train["time"]
-        without = timed / (timed / per_process - save_s) if timed / per_process > save_s > 0 else None
+        epochs = [r for r in rows if r["kind"] == "epoch"]
+        if not epochs:
+            raise SystemExit(f"error: {data[1]} np={np_} {backend} wrote no epoch record (one epoch must be "
+                             f"exactly --steps {a.steps} steps)")
         # processes move in lock-step (one reduction every step): one process's rate x processes = total
-        return per_process * np_, {"checkpoint_save_s": save_s,
-                                   "samples_per_s_total_excl_save": without and without * np_}
+        return epochs[0]["samples_per_s_rank"] * np_
 
 
-def tf_multiworker_rate(n: int, a) -> tuple[float, dict]:
+def tf_multiworker_rate(n: int, a) -> float:
     if n < 2:
         raise Skipped(MULTIWORKER_NP1)
     return hpctrain_rate(n, a, "multiworker", "tf", extra=("--port-base", str(free_port_base(n))))
 
 
-def plain_rate(np_: int, a, env: dict, extra: tuple = ()) -> tuple[float, dict]:
-    out = mpirun(np_, ["benchmarks/plain_horovod.py", "--arch", a.arch, "--image-size", str(a.image_size),
+def plain_rate(np_: int, a, env: dict, extra: tuple = ()) -> float:
+    if a.model == "bert":
+        model = ["--model", "bert", "--bert-preset", a.bert_preset, "--seq-len", str(a.seq_len),
+                 "--vocab-size", str(a.corpus.vocab_size)]
+    else:
+        model = ["--arch", a.arch, "--image-size", str(a.image_size)]
+    out = mpirun(np_, ["benchmarks/plain_horovod.py", *model,
                        "--batch-size", str(a.batch_size), "--steps", str(a.steps), *extra], env)
-    return json.loads(out.strip().splitlines()[-1])["samples_per_s_total"], {}
+    return json.loads(out.strip().splitlines()[-1])["samples_per_s_total"]
+
+
+class BuiltinCorpus:
+    """hpctrain's built-in corpus, prepared once (hpctrain's own preparation, as `--corpus builtin` runs it)
+    into `cache`; `subset(k)` is a corpus directory in `work` holding its first k sequences (same
+    tokenizer, vocabulary and shard format, checksummed manifest), written once per k."""
+
+    def __init__(self, cache: str, work: str, seq_len: int, need: int):
+        from hpctrain.data.corpus import prepare_builtin
+        from hpctrain.data.text import DataError
+        try:
+            self.manifest = prepare_builtin(cache, BERT_VOCAB, seq_len, log=lambda m: print(m, flush=True))
+        except DataError as e:
+            raise SystemExit(f"error: built-in corpus: {e}") from None
+        self.cache, self.work = Path(cache), Path(work)
+        self.vocab_size = int(self.manifest["vocab_size"])
+        full = self.manifest["num_sequences"] - 1  # the last sequence is padded: never used
+        if need > full:
+            raise SystemExit(f"error: the built-in corpus in {cache} has {full} full sequences of {seq_len} "
+                             f"tokens; the largest row needs {need} (processes x replicas x --batch-size x "
+                             "--steps): lower --steps, --batch-size, --max-np or --seq-len")
+        self.subsets: dict[int, str] = {}
+
+    def subset(self, k: int) -> str:
+        if k not in self.subsets:
+            import numpy as np
+            from hpctrain.data.text import TokenShards
+            from hpctrain.files import sha256_file
+            src = TokenShards(str(self.cache))
+            rows = np.stack([src[i] for i in range(k)])
+            out = self.work / f"corpus-first-{k}"
+            out.mkdir(parents=True)
+            np.save(out / "shard-00000.npy", rows, allow_pickle=False)
+            for name in (self.manifest["tokenizer"], self.manifest["vocab"]):
+                (out / name).write_bytes((self.cache / name).read_bytes())
+            shard = {"file": "shard-00000.npy", "sequences": k, "sha256": sha256_file(out / "shard-00000.npy")}
+            manifest = {**self.manifest, "num_sequences": k, "num_tokens": int(rows.size), "shards": [shard],
+                        "subset_of": str(self.cache)}
+            (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
+            self.subsets[k] = str(out)
+        return self.subsets[k]
 
 
 def parse_engines(text: str) -> list[str]:
@@ -165,8 +236,13 @@ def ratios(rows: list[dict], nps) -> dict:
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--max-np", type=int, default=2)
-    p.add_argument("--arch", default="resnet18")
-    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--model", choices=["resnet", "bert"], default="resnet")
+    p.add_argument("--arch", default="resnet18", help="resnet: architecture")
+    p.add_argument("--image-size", type=int, default=64, help="resnet: image side in pixels")
+    p.add_argument("--bert-preset", choices=list(BERT_SIZES), default="tiny", help="bert: model size")
+    p.add_argument("--seq-len", type=int, default=128, help="bert: tokens per sequence")
+    p.add_argument("--corpus-cache", default="", help="bert: where the built-in corpus is prepared or reused "
+                                                      "(default: a fresh temporary directory)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--engines", default="torch", help="comma list of groups (torch, tf, all) or engine names "
@@ -177,6 +253,16 @@ def main():
     if a.steps < 4:
         raise SystemExit(f"error: --steps {a.steps}: need at least 4 (2 are warm-up)")
     engines = parse_engines(a.engines)
+    with tempfile.TemporaryDirectory() as work:
+        if a.model == "bert":  # prepared once, before any timing
+            a.corpus = BuiltinCorpus(a.corpus_cache or str(Path(work, "corpus-builtin")), work, a.seq_len,
+                                     a.max_np * a.batch_size * a.steps)
+        measure(a, engines)
+
+
+def measure(a, engines: list[str]) -> None:
+    bert = a.model == "bert"
+    unit = "sequences/s" if bert else "samples/s"
     runners = {"hpctrain_horovod": lambda n: hpctrain_rate(n, a, "horovod"),
                "hpctrain_ddp": lambda n: hpctrain_rate(n, a, "ddp"),
                "plain_horovod_cycle10ms": lambda n: plain_rate(n, a, {"HOROVOD_CYCLE_TIME": "10"}),
@@ -194,16 +280,14 @@ def main():
             row = {"engine": name, "np": n, "processes": 1 if name == "tf_mirrored" else n,
                    "threads_per_process": threads.get(name, lambda _: 1)(n)}
             try:
-                total, more = runners[name](n)
+                total = runners[name](n)
             except Skipped as why:
                 rows.append({**row, "samples_per_s_total": None, "samples_per_s_rank": None, "skipped": str(why)})
                 print(f"{name:>24} np={n}  skipped: {why}", flush=True)
                 continue
             # samples_per_s_rank: per replica (n replicas in every row, also tf_mirrored's one process)
-            rows.append({**row, "samples_per_s_total": total, "samples_per_s_rank": total / n, **more})
-            note = (f"  ({more['samples_per_s_total_excl_save']:.1f} without the {more['checkpoint_save_s']:.2f} s "
-                    "checkpoint save)" if more.get("samples_per_s_total_excl_save") else "")
-            print(f"{name:>24} np={n}  {total:8.1f} samples/s total  {total / n:8.1f} per replica{note}", flush=True)
+            rows.append({**row, "samples_per_s_total": total, "samples_per_s_rank": total / n})
+            print(f"{name:>24} np={n}  {total:8.1f} {unit} total  {total / n:8.1f} per replica", flush=True)
     base = {r["engine"]: r["samples_per_s_total"] for r in rows if r["np"] == 1}
     ceiling = {r["np"]: r["samples_per_s_total"] for r in rows if r["engine"] == "ceiling_no_comm"}
     for r in rows:
@@ -218,11 +302,20 @@ def main():
             print(f"{r['engine']:>24} np={r['np']}  efficiency {r['efficiency']:.3f} against "
                   f"{r['efficiency_baseline']}", flush=True)
     nps = range(1, a.max_np + 1)
-    save_results("scaling", {"arch": a.arch, "image_size": a.image_size, "batch_size": a.batch_size,
-                             "steps": a.steps, "engines": engines, "threads_per_rank": 1,
-                             "threads_note": "1 intra-op thread per process, except tf_mirrored: one process "
-                                             "with n threads for its n replicas",
-                             "rows": rows, "ratios": ratios(rows, nps)},
+    if bert:
+        model = {"model": "bert", "preset": a.bert_preset, "seq_len": a.seq_len, "vocab_size": a.corpus.vocab_size,
+                 "samples": "sequences",
+                 "data": "hpctrain rows: the first processes x replicas x batch x steps sequences of hpctrain's "
+                         "built-in corpus; plain rows: one fixed batch of random token ids, ~15% labelled",
+                 "optimizer": f"AdamW lr {BERT_LR} per rank"}
+    else:
+        model = {"model": "resnet", "arch": a.arch, "image_size": a.image_size}
+    save_results("scaling-bert" if bert else "scaling",
+                 {**model, "batch_size": a.batch_size,
+                  "steps": a.steps, "engines": engines, "threads_per_rank": 1,
+                  "threads_note": "1 intra-op thread per process, except tf_mirrored: one process "
+                                  "with n threads for its n replicas",
+                  "rows": rows, "ratios": ratios(rows, nps)},
                  a.out, a.tag, plot=plot)
 
 
@@ -246,9 +339,14 @@ def plot(result: dict, path: Path) -> None:
     if ref:
         ax.plot(nps, [one[ref] * n for n in nps], "k:", label=f"linear ({ref} np=1)")
     ax.set_xlabel("ranks (tf_mirrored: replicas in one process)")
-    ax.set_ylabel("samples/s (total)")
     ax.set_xticks(nps)
-    ax.set_title(f"{result['arch']} {result['image_size']}px, batch {result['batch_size']}/replica, synthetic")
+    if result.get("model") == "bert":
+        ax.set_ylabel("sequences/s (total)")
+        ax.set_title(f"BERT-{result['preset']} MLM, seq {result['seq_len']}, batch {result['batch_size']}/replica, "
+                     "built-in corpus")
+    else:
+        ax.set_ylabel("samples/s (total)")
+        ax.set_title(f"{result['arch']} {result['image_size']}px, batch {result['batch_size']}/replica, synthetic")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
