@@ -7,7 +7,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export OMPI_ALLOW_RUN_AS_ROOT := 1
 export OMPI_ALLOW_RUN_AS_ROOT_CONFIRM := 1
 
-.PHONY: install demo demo-tf demo-bert test test-unit test-latest lock clean
+.PHONY: install demo demo-tf demo-bert test test-unit test-latest lock clean container-check
 
 install:
 	@bash scripts/install.sh
@@ -29,6 +29,12 @@ test: install
 
 test-unit: install
 	$(PY) -m pytest -ra tests/unit $(PYTEST_ARGS)
+
+# containers/: parse both definitions, build the CPU one for real in a Debian 12 root (debootstrap + bubblewrap,
+# installed when missing; cached in ~/.cache/hpctrain/container-roots), run its %test, train in it with mpirun
+# and on a Slurm test cluster (preempt, requeue, resume). Also part of `make test`. Figures go to the JSON.
+container-check: install
+	HPCTRAIN_CONTAINER_RECORD=$(CURDIR)/benchmarks/results/container-build.json $(PY) -m pytest -ra tests/containers $(PYTEST_ARGS)
 
 # Re-resolve the pins (requirements/base.in -> requirements/lock.txt); then `make test` before committing.
 lock:

@@ -4,6 +4,8 @@
 # wheel (MPI + Gloo + PyTorch + TensorFlow) built once from source and cached.
 # Every step says what it is doing; the first failure stops with the step's name.
 #   HPCTRAIN_VENV=dir          where the venv goes (default .venv)
+#   HPCTRAIN_FRAMEWORKS=list   torch,tf (default) or torch: with torch alone the lock's TensorFlow-only packages
+#                              (scripts/lock_select.py) are left out and Horovod is built without TensorFlow
 #   HPCTRAIN_TORCH=spec        a site's own torch build, e.g. "torch==2.13.0" with TORCH_INDEX_URL set to
 #                              PyTorch's CUDA wheel index; the rest still comes from the lock
 #   HPCTRAIN_TF=spec           a site's own TensorFlow, e.g. "tensorflow[and-cuda]==2.21.0" on GPU clusters
@@ -20,6 +22,16 @@ LOCK=$ROOT/requirements/lock.txt
 DEPS=${HPCTRAIN_DEPS:-locked}
 WHEEL_CACHE=${HPCTRAIN_WHEEL_CACHE:-$HOME/.cache/hpctrain/wheels}
 HOROVOD_VERSION=$(sed -n 's/^horovod==\([^ ]*\).*/\1/p' "$LOCK")
+FRAMEWORKS=${HPCTRAIN_FRAMEWORKS:-torch,tf}
+case ",$FRAMEWORKS," in
+  ,torch,tf,|,tf,torch,) FRAMEWORKS=torch,tf; WITH_TF=1 ;;
+  ,torch,) WITH_TF=0 ;;
+  *) echo "install.sh: HPCTRAIN_FRAMEWORKS='$FRAMEWORKS' is not allowed (allowed: torch,tf or torch)" >&2; exit 2 ;;
+esac
+if [ "$WITH_TF" = 0 ] && [ -n "${HPCTRAIN_TF:-}" ]; then
+  echo "install.sh: HPCTRAIN_TF='$HPCTRAIN_TF' set but HPCTRAIN_FRAMEWORKS=torch (allowed: add tf, or unset HPCTRAIN_TF)" >&2; exit 2
+fi
+HVD_FRAMEWORKS="PyTorch"; [ "$WITH_TF" = 0 ] || HVD_FRAMEWORKS="PyTorch + TensorFlow"
 # TensorFlow prints oneDNN / CUDA-stub lines at every import. TF_CPP_MIN_LOG_LEVEL quiets older releases;
 # 2.21 logs them through absl before it is initialised, so the script's own TF imports go through quiet().
 export TF_CPP_MIN_LOG_LEVEL=${TF_CPP_MIN_LOG_LEVEL:-2}
@@ -36,6 +48,13 @@ say() { step="$1"; echo "== install: $1"; }
 
 say "system packages (Open MPI, cmake, C++ compiler)"
 need=()
+# A bare Debian/Ubuntu root (a container build) has no Python; venv and headers (Horovod's build) come apart.
+if ! command -v python3 >/dev/null; then
+  need+=(python3 python3-venv python3-dev)
+else
+  python3 -c "import ensurepip, venv" 2>/dev/null || need+=(python3-venv)
+  [ -e "$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["include"])')/Python.h" ] || need+=(python3-dev)
+fi
 command -v mpirun >/dev/null || need+=(openmpi-bin)
 [ -e /usr/include/x86_64-linux-gnu/openmpi ] || [ -e /usr/lib/x86_64-linux-gnu/openmpi/include ] || dpkg -s libopenmpi-dev >/dev/null 2>&1 || need+=(libopenmpi-dev)
 command -v cmake >/dev/null || need+=(cmake)
@@ -53,17 +72,15 @@ say "virtual environment at $VENV"
 PY="$VENV/bin/python"
 PIP=("$PY" -m pip install -q --disable-pip-version-check)
 
-# A lock block is "name==version \" plus indented hash/comment lines; drop the named packages' blocks.
-lock_without() { awk -v drop="$1" '/^[^ #]/ { split($1, a, "=="); skip = (a[1] ~ "^(" drop ")$") } !skip' "$LOCK"; }
-
 if [ "$DEPS" = latest ]; then
   say "newest releases of requirements/base.in (not the lock: make test-latest)"
   stamp=""
-  grep -vE '^(horovod)==' "$ROOT/requirements/base.in" > "$VENV/.base-latest.in"
+  "$PY" "$ROOT/scripts/lock_select.py" --frameworks "$FRAMEWORKS" --drop horovod "$ROOT/requirements/base.in" > "$VENV/.base-latest.in"
   "${PIP[@]}" --upgrade -r "$VENV/.base-latest.in"
 else
   say "pinned Python dependencies (requirements/lock.txt)"
   stamp="$(sha256sum "$LOCK" | cut -d' ' -f1) ${HPCTRAIN_TORCH:-} ${HPCTRAIN_TF:-}"
+  [ "$WITH_TF" = 1 ] || stamp="$stamp frameworks=$FRAMEWORKS"
   if [ "$(cat "$VENV/.hpctrain-lock" 2>/dev/null)" != "$stamp" ]; then
     drop=horovod  # built below against the installed torch and tensorflow
     if [ -n "${HPCTRAIN_TORCH:-}" ]; then  # the site's torch (e.g. a CUDA build of the pinned version)
@@ -74,7 +91,7 @@ else
       "${PIP[@]}" "$HPCTRAIN_TF"
       drop="$drop|tensorflow"
     fi
-    lock_without "$drop" > "$VENV/.lock-install.txt"
+    "$PY" "$ROOT/scripts/lock_select.py" --frameworks "$FRAMEWORKS" --drop "$drop" "$LOCK" > "$VENV/.lock-install.txt"
     "${PIP[@]}" --require-hashes --no-deps -r "$VENV/.lock-install.txt"
   fi
 fi
@@ -82,11 +99,16 @@ fi
 say "hpctrain package (editable)"
 (cd / && "$PY" -c "import hpctrain") 2>/dev/null || "${PIP[@]}" --no-build-isolation --no-deps -e .
 
-say "Horovod $HOROVOD_VERSION (MPI + Gloo + PyTorch + TensorFlow, one wheel)"
-if [ "$("$PY" -c "import horovod.torch, horovod.tensorflow, horovod; print(horovod.__version__)" 2>/dev/null)" != "$HOROVOD_VERSION" ]; then
+say "Horovod $HOROVOD_VERSION (MPI + Gloo + $HVD_FRAMEWORKS, one wheel)"
+hvd_tf=""; [ "$WITH_TF" = 0 ] || hvd_tf="horovod.tensorflow, "
+if [ "$("$PY" -c "import horovod.torch, ${hvd_tf}horovod; print(horovod.__version__)" 2>/dev/null)" != "$HOROVOD_VERSION" ]; then
   # The built wheel is tied to the Python, torch and TensorFlow it was compiled against: key the cache on
-  # all three (and on a GPU build), e.g. py311-torch2.13.0+cpu-tf2.21.0.
-  key=$(quiet "$PY" -c "import sys, torch, tensorflow as tf; print(f'py{sys.version_info[0]}{sys.version_info[1]}-torch{torch.__version__}-tf{tf.__version__}')")
+  # all three (and on a GPU build), e.g. py311-torch2.13.0+cpu-tf2.21.0, or py311-torch2.13.0+cpu-notf.
+  if [ "$WITH_TF" = 1 ]; then
+    key=$(quiet "$PY" -c "import sys, torch, tensorflow as tf; print(f'py{sys.version_info[0]}{sys.version_info[1]}-torch{torch.__version__}-tf{tf.__version__}')")
+  else
+    key=$("$PY" -c "import sys, torch; print(f'py{sys.version_info[0]}{sys.version_info[1]}-torch{torch.__version__}-notf')")
+  fi
   gpu_ops=${HOROVOD_GPU_OPERATIONS:-}
   [ -z "$gpu_ops" ] || key="$key-gpu${gpu_ops,,}"
   cache="$WHEEL_CACHE/$key"
@@ -98,21 +120,25 @@ if [ "$("$PY" -c "import horovod.torch, horovod.tensorflow, horovod; print(horov
     # - TensorFlow >= 2.19 wheels keep headers xla_mpi_ops.cc includes elsewhere (horovod PR #4302, unreleased):
     #   highwayhash and farmhash under external/, and the old tensorflow/compiler/xla/client/xla_builder.h
     #   is now xla/hlo/builder/xla_builder.h (a one-line forwarding header, generated here).
-    TFINC=$(quiet "$PY" -c "import tensorflow as tf; print(tf.sysconfig.get_include())")
     fwd=$(mktemp -d "${TMPDIR:-/tmp}/hpctrain-tfinc.XXXXXX")
     trap 'rm -rf "$fwd"' EXIT
     tf_cxxflags=""
-    for d in "$TFINC/external/highwayhash" "$TFINC/external/farmhash_archive/src"; do
-      [ ! -d "$d" ] || tf_cxxflags="$tf_cxxflags -I$d"
-    done
-    if [ ! -e "$TFINC/tensorflow/compiler/xla/client/xla_builder.h" ] && [ -e "$TFINC/xla/hlo/builder/xla_builder.h" ]; then
-      mkdir -p "$fwd/tensorflow/compiler/xla/client"
-      echo '#include "xla/hlo/builder/xla_builder.h"' > "$fwd/tensorflow/compiler/xla/client/xla_builder.h"
-      tf_cxxflags="$tf_cxxflags -I$fwd"
+    tf_switch=(HOROVOD_WITHOUT_TENSORFLOW=1)
+    if [ "$WITH_TF" = 1 ]; then
+      TFINC=$(quiet "$PY" -c "import tensorflow as tf; print(tf.sysconfig.get_include())")
+      for d in "$TFINC/external/highwayhash" "$TFINC/external/farmhash_archive/src"; do
+        [ ! -d "$d" ] || tf_cxxflags="$tf_cxxflags -I$d"
+      done
+      if [ ! -e "$TFINC/tensorflow/compiler/xla/client/xla_builder.h" ] && [ -e "$TFINC/xla/hlo/builder/xla_builder.h" ]; then
+        mkdir -p "$fwd/tensorflow/compiler/xla/client"
+        echo '#include "xla/hlo/builder/xla_builder.h"' > "$fwd/tensorflow/compiler/xla/client/xla_builder.h"
+        tf_cxxflags="$tf_cxxflags -I$fwd"
+      fi
+      tf_switch=(HOROVOD_WITH_TENSORFLOW=1)
     fi
-    env -u HOROVOD_WITHOUT_TENSORFLOW -u HOROVOD_WITHOUT_PYTORCH \
+    env -u HOROVOD_WITHOUT_TENSORFLOW -u HOROVOD_WITHOUT_PYTORCH -u HOROVOD_WITH_TENSORFLOW \
     CXX="$ROOT/scripts/cxx17-shim.sh" CXXFLAGS="${CXXFLAGS:-}$tf_cxxflags" \
-    HOROVOD_WITH_PYTORCH=1 HOROVOD_WITH_TENSORFLOW=1 HOROVOD_WITH_MPI=1 HOROVOD_WITH_GLOO=1 \
+    HOROVOD_WITH_PYTORCH=1 "${tf_switch[@]}" HOROVOD_WITH_MPI=1 HOROVOD_WITH_GLOO=1 \
     HOROVOD_WITHOUT_MXNET=1 HOROVOD_CPU_OPERATIONS=${HOROVOD_CPU_OPERATIONS:-MPI} \
     MAKEFLAGS=-j"$(nproc)" \
       "$PY" -m pip wheel -q --no-build-isolation --no-deps --no-cache-dir --require-hashes -w "$cache" \
@@ -123,9 +149,13 @@ if [ "$("$PY" -c "import horovod.torch, horovod.tensorflow, horovod; print(horov
   "${PIP[@]}" --no-deps --force-reinstall "$cache"/horovod-$HOROVOD_VERSION-*.whl
 fi
 
-say "verifying Horovod (horovodrun --check-build: MPI, PyTorch and TensorFlow)"
+required=(PyTorch MPI); [ "$WITH_TF" = 0 ] || required=(PyTorch TensorFlow MPI)
+[ "${HOROVOD_GPU_OPERATIONS:-}" != NCCL ] || required+=(NCCL)
+what="MPI, PyTorch and TensorFlow"; [ "$WITH_TF" = 1 ] || what="MPI and PyTorch"
+[ "${HOROVOD_GPU_OPERATIONS:-}" != NCCL ] || what="$what, NCCL"
+say "verifying Horovod (horovodrun --check-build: $what)"
 out=$(PATH="$VENV/bin:$PATH" quiet "$VENV/bin/horovodrun" --check-build)
-for fw in PyTorch TensorFlow MPI; do
+for fw in "${required[@]}"; do
   echo "$out" | grep -q "\[X\] $fw" || {
     echo "$out"
     echo "install.sh: Horovod in $VENV lacks $fw ('[ ] $fw' above): delete its wheel under $WHEEL_CACHE/ and rerun" >&2

@@ -5,12 +5,15 @@
 #                        GPU request, and with spare nodes the step's node and task counts
 #   HPCTRAIN_STEP_TASKS  ranks of the training step (world size; empty outside a job)
 #   HPCTRAIN_EXEC        `apptainer exec [--nv] IMAGE` when an image is set, then the python command
+#                        (inside an image: the image's, `python3` unless the site file says otherwise)
 #   hpctrain_step        run the training step (`hpctrain_step -m hpctrain.resnet "$@"`): srun in the
 #                        background, signals forwarded, requeue on exit 85, relaunch in the same
 #                        allocation when a rank died (see docs/slurm.md, "In-job restart and dead ranks")
 #   hpctrain_supervise   wait for an srun step started in the background, forwarding USR1/TERM to it, and
 #                        requeue the job when the step exits with 85 (checkpoint saved on a signal)
 # Every variable can be set in the environment of sbatch; the site file only supplies defaults.
+# HPCTRAIN_DRY_RUN=1: hpctrain_step prints the srun command line it would run and returns 0 (checks a site
+# file or an image setting without a cluster: `HPCTRAIN_DRY_RUN=1 bash slurm/resnet_8node.sh ...`).
 
 # Must equal hpctrain.preempt.EXIT_PREEMPTED (tests/unit/test_slurm_helper.py checks).
 HPCTRAIN_EXIT_PREEMPTED=85
@@ -42,6 +45,7 @@ HPCTRAIN_PYTHON=${HPCTRAIN_PYTHON:-python3}
 HPCTRAIN_MAX_REQUEUES=${HPCTRAIN_MAX_REQUEUES:-20}
 HPCTRAIN_MAX_RESTARTS=${HPCTRAIN_MAX_RESTARTS:-2}
 HPCTRAIN_SPARE_NODES=${HPCTRAIN_SPARE_NODES:-0}
+HPCTRAIN_DRY_RUN=${HPCTRAIN_DRY_RUN:-0}
 
 # Checked before any of them is used as a number (bash arithmetic would run $(...) in a value).
 hpctrain_whole() {  # VARIABLE [NOTE]: fails unless the variable holds a whole number
@@ -51,6 +55,8 @@ hpctrain_whole HPCTRAIN_GPUS_PER_NODE " (0 = CPU mode)" || return 2
 hpctrain_whole HPCTRAIN_MAX_REQUEUES || return 2
 hpctrain_whole HPCTRAIN_MAX_RESTARTS || return 2
 hpctrain_whole HPCTRAIN_SPARE_NODES || return 2
+[[ $HPCTRAIN_DRY_RUN =~ ^[01]$ ]] \
+  || { hpctrain_error "HPCTRAIN_DRY_RUN='$HPCTRAIN_DRY_RUN' is not allowed (allowed: 0, 1)"; return 2; }
 [[ ${SLURM_JOB_NUM_NODES:-1} =~ ^[1-9][0-9]*$ ]] \
   || { hpctrain_error "SLURM_JOB_NUM_NODES='$SLURM_JOB_NUM_NODES' is not a node count"; return 2; }
 
@@ -103,8 +109,10 @@ HPCTRAIN_SRUN_ARGS+=($HPCTRAIN_SRUN_EXTRA)
 
 HPCTRAIN_EXEC=()
 if [ -n "$HPCTRAIN_IMAGE" ]; then
-  # shellcheck disable=SC2206
-  HPCTRAIN_EXEC=("$HPCTRAIN_APPTAINER" exec "${HPCTRAIN_NV[@]}" $HPCTRAIN_APPTAINER_ARGS "$HPCTRAIN_IMAGE")
+  # Extra options are split on blanks only (read -a: no globbing of e.g. `--bind /data/*`).
+  read -r -a _hpctrain_args <<< "$HPCTRAIN_APPTAINER_ARGS"
+  HPCTRAIN_EXEC=("$HPCTRAIN_APPTAINER" exec "${HPCTRAIN_NV[@]}" "${_hpctrain_args[@]}" "$HPCTRAIN_IMAGE")
+  unset _hpctrain_args
 fi
 HPCTRAIN_EXEC+=("$HPCTRAIN_PYTHON")
 
@@ -275,6 +283,10 @@ hpctrain_union() {  # LIST LIST: comma-separated node lists -> their union, comm
 # themselves (--resume auto, same run dir). Not after 2, 87 or 88: a relaunch would fail the same way.
 hpctrain_step() {
   local log rc restarts=0 excluded="" blamed blamed_all="" spare_note="" progress state wanted
+  if [ "$HPCTRAIN_DRY_RUN" = 1 ]; then
+    echo "hpctrain: dry run: $(printf '%q ' srun "${HPCTRAIN_SRUN_ARGS[@]}" "${HPCTRAIN_EXEC[@]}" "$@")"
+    return 0
+  fi
   log=$(mktemp "${TMPDIR:-/tmp}/hpctrain-step-${SLURM_JOB_ID:-none}.XXXXXX") \
     || { hpctrain_error "cannot create a log file in ${TMPDIR:-/tmp}"; return 2; }
   while true; do

@@ -1,0 +1,48 @@
+"""What of hpctrain-cuda.def can be checked without its base image, PyTorch's CUDA index or a GPU: that the
+lock it installs exists for its Python. The base (Ubuntu 24.04) has Python 3.12, the lock was resolved on 3.11;
+pip resolves every pinned package for CPython 3.12 on manylinux x86_64 (metadata only, nothing installed) and
+the file it picks must carry one of the lock's hashes. torch is left out (the CUDA build comes from PyTorch's
+index, not reachable here), Horovod and mpi4py too (built from their sdists in the image)."""
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+from packaging.tags import compatible_tags, cpython_tags
+from packaging.utils import parse_wheel_filename
+
+from tests.launch import ROOT
+
+sys.path.insert(0, str(ROOT / "scripts"))
+import lock_select  # noqa: E402  (a script, not a package)
+
+LOCK = ROOT / "requirements" / "lock.txt"
+# glibc 2.39 (Ubuntu 24.04) runs every manylinux wheel up to manylinux_2_39; the legacy names given too.
+PLATFORMS = [f"manylinux_2_{v}_x86_64" for v in range(39, 4, -1)] + [
+    "manylinux2014_x86_64", "manylinux2010_x86_64", "manylinux1_x86_64"]
+CP312 = {*cpython_tags((3, 12), platforms=PLATFORMS), *compatible_tags((3, 12), "cp312", PLATFORMS)}
+
+
+@pytest.mark.parametrize("frameworks", ["torch", "torch,tf"])
+def test_lock_has_a_hashed_wheel_of_every_package_for_the_cuda_images_python(frameworks, tmp_path):
+    text = lock_select.select(LOCK.read_text(), lock_select.frameworks(frameworks), {"horovod", "torch", "mpi4py"})
+    wanted = {name: set(re.findall(r"--hash=sha256:([0-9a-f]{64})", "".join(lines)))
+              for name, lines in lock_select.blocks(text) if name}
+    req = tmp_path / "lock.txt"
+    req.write_text(text)
+    platforms = [a for p in PLATFORMS for a in ("--platform", p)]
+    # PIP_CONFIG_FILE=/dev/null: this machine's pip config adds local indexes and a torch constraint.
+    p = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--dry-run", "--ignore-installed", "--no-deps",
+                        "--only-binary=:all:", "--python-version", "3.12", "--implementation", "cp", "--abi", "cp312",
+                        *platforms, "--target", str(tmp_path / "t"), "--report", str(tmp_path / "report.json"),
+                        "-r", str(req)], capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "PIP_CONFIG_FILE": "/dev/null"})
+    assert p.returncode == 0, p.stderr[-3000:]
+    got = {lock_select.normalise(i["metadata"]["name"]): i for i in json.loads((tmp_path / "report.json").read_text())["install"]}
+    assert set(got) == set(wanted), set(wanted) ^ set(got)
+    for name, item in got.items():
+        url = item["download_info"]["url"]
+        assert item["download_info"]["archive_info"]["hashes"]["sha256"] in wanted[name], (name, url)
+        assert parse_wheel_filename(url.rsplit("/", 1)[-1])[3] & CP312, (name, url)
