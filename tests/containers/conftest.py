@@ -73,7 +73,7 @@ def _record(path: Path, b: rootfs.Build, took: float) -> None:
     if cold:
         data["cold_build"] = r
     if not b.built:
-        data["cached_fixture_s"] = round(took, 1)
+        data["cached_fixture_s"] = round(took, 2)
     path.write_text(json.dumps(data, indent=2) + "\n")
 
 

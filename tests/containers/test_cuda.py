@@ -1,5 +1,5 @@
-"""What of hpctrain-cuda.def can be checked without its base image, PyTorch's CUDA index or a GPU: that the
-lock it installs exists for its Python. The base (Ubuntu 24.04) has Python 3.12, the lock was resolved on 3.11;
+"""What of hpctrain-cuda.def can be checked without its base image, PyTorch's CUDA index or a GPU: what its
+%post hands to install.sh, and that the lock it installs exists for its Python. The base (Ubuntu 24.04) has Python 3.12, the lock was resolved on 3.11;
 pip resolves every pinned package for CPython 3.12 on manylinux x86_64 (metadata only, nothing installed) and
 the file it picks must carry one of the lock's hashes. torch is left out (the CUDA build comes from PyTorch's
 index, not reachable here), Horovod and mpi4py too (built from their sdists in the image)."""
@@ -13,6 +13,7 @@ import pytest
 from packaging.tags import compatible_tags, cpython_tags
 from packaging.utils import parse_wheel_filename
 
+from tests.containers.deffile import load
 from tests.launch import ROOT
 
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -46,3 +47,18 @@ def test_lock_has_a_hashed_wheel_of_every_package_for_the_cuda_images_python(fra
         url = item["download_info"]["url"]
         assert item["download_info"]["archive_info"]["hashes"]["sha256"] in wanted[name], (name, url)
         assert parse_wheel_filename(url.rsplit("/", 1)[-1])[3] & CP312, (name, url)
+
+
+@pytest.mark.parametrize("frameworks, tf", [("torch", None), ("torch,tf", "tensorflow[and-cuda]==2.21.0")])
+def test_cuda_post_sets_install_sh_cuda_switches_from_the_lock(frameworks, tf):
+    # The %post as written, up to the step that needs the CUDA base (ldconfig of its stubs), run by sh with the
+    # repository's lock in place of /opt/hpctrain's: what it hands to install.sh.
+    post = load(ROOT / "containers" / "hpctrain-cuda.def", {"FRAMEWORKS": frameworks}).body("post")
+    prefix = post[:post.index("    ldconfig /usr/local/cuda")].replace("/opt/hpctrain/requirements/lock.txt", str(LOCK))
+    p = subprocess.run(["sh", "-c", prefix + '\nenv -0'], capture_output=True, text=True, timeout=30,
+                       env={"PATH": os.environ["PATH"], "APPTAINER_LABELS": "/dev/null"})
+    assert p.returncode == 0, p.stderr
+    got = dict(v.split("=", 1) for v in p.stdout.split("\0") if "=" in v)
+    assert got["HPCTRAIN_TORCH"] == "torch==2.13.0" and got["TORCH_INDEX_URL"].startswith("https://download.pytorch.org/whl/cu12")
+    assert got.get("HPCTRAIN_TF") == tf and got["HPCTRAIN_FRAMEWORKS"] == frameworks
+    assert (got["HOROVOD_GPU_OPERATIONS"], got["HPCTRAIN_VENV"]) == ("NCCL", "/opt/venv")
