@@ -17,21 +17,17 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
 
 from hpctrain.cluster import detect  # noqa: E402
 from hpctrain.config import TrainConfig  # noqa: E402
 from hpctrain.data.sharding import ShardedBatchSampler  # noqa: E402
 from hpctrain.engine.tf import BatchStream, Trainer, setup  # noqa: E402
-from hpctrain.engine.tf.trainer import build_optimizer  # noqa: E402
 from hpctrain.models.tf.resnet import Classification, build_resnet  # noqa: E402
 from tests.parallel.table import Table  # noqa: E402
+from tests.parallel.tf_reference import OneDevice, flat  # noqa: E402
 
 BATCH = 4  # per replica
 
-
-def flat(variables) -> np.ndarray:
-    return np.concatenate([np.asarray(v, np.float64).ravel() for v in variables])
 
 
 def variant(rt, cfg, name, accumulate=1, model="mlp", steps=3):
@@ -59,24 +55,12 @@ def variant(rt, cfg, name, accumulate=1, model="mlp", steps=3):
     assert np.all(backend.allreduce(slots, "mean") == slots), f"rank {r}: optimizer state not broadcast"
 
     out = {"variant": name, "replicas": backend.replicas, "local_replicas": local}
-    if model == "mlp":
-        ref = keras.models.clone_model(net)  # outside the strategy's scope: one device
-        ref.set_weights(net.get_weights())
-        ref_opt = build_optimizer(ref, cfg.optim)
-        ref_opt.build(ref.trainable_variables)
-        for v, w in zip(ref_opt.variables, trainer.optimizer.variables):
-            v.assign(np.asarray(w))
-        ref_opt.learning_rate.assign(cfg.optim.lr)
-        task = Classification()
-        ref_batches = [iter(ShardedBatchSampler(len(x), q, workers, worker_batch, seed=7)) for q in range(workers)]
+    ref = OneDevice(net, trainer, cfg, x, y, workers, worker_batch) if model == "mlp" else None
     batches = trainer.epoch_batches(0, 0)
     for _ in range(steps):
         trainer.train_step([next(batches) for _ in range(accumulate)])
-        if model == "mlp":  # one device: the union of every replica's micro-batches, mean loss, one step
-            idx = [i for it in ref_batches for _ in range(accumulate) for i, _ in next(it)]
-            with tf.GradientTape() as tape:
-                loss, _ = task(ref, (tf.constant(x[idx]), tf.constant(y[idx])), training=True)
-            ref_opt.apply_gradients(zip(tape.gradient(loss, ref.trainable_variables), ref.trainable_variables))
+        if ref is not None:  # one device: the union of every replica's micro-batches, mean loss, one step
+            ref.step(accumulate)
     if model != "mlp":  # each replica updated its own BatchNorm copy: they differ until synced
         stats = [v for v in net.non_trainable_variables if "moving_mean" in v.path]
         out["bn_local_spread_before"] = max(float(np.ptp(backend.local_values(v), axis=0).max()) for v in stats)
@@ -88,7 +72,7 @@ def variant(rt, cfg, name, accumulate=1, model="mlp", steps=3):
         out["bn_local_spread_after"] = max(float(np.ptp(backend.local_values(v), axis=0).max()) for v in stats)
     out["spread"] = spread
     if model == "mlp":
-        diff = float(np.abs(mine - flat(ref.weights)).max())
+        diff = float(np.abs(mine - flat(ref.model.weights)).max())
         assert diff < 1e-6, f"rank {r} ({name}): differs from the single-device full-batch result by {diff}"
         out["diff_vs_single_device"] = diff
     trainer.close(collective=False)

@@ -15,20 +15,16 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
 
 from hpctrain.cluster import detect  # noqa: E402
 from hpctrain.config import TrainConfig  # noqa: E402
 from hpctrain.data.sharding import ShardedBatchSampler  # noqa: E402
 from hpctrain.engine.tf import BatchStream, Trainer, setup  # noqa: E402
 from hpctrain.engine.tf.backends import HorovodBackend  # noqa: E402
-from hpctrain.engine.tf.trainer import build_optimizer  # noqa: E402
 from hpctrain.models.tf.resnet import Classification, build_resnet  # noqa: E402
 from tests.parallel.table import Table  # noqa: E402
+from tests.parallel.tf_reference import OneDevice, flat  # noqa: E402
 
-
-def flat(variables) -> np.ndarray:
-    return np.concatenate([np.asarray(v, np.float64).ravel() for v in variables])
 
 
 def variant(rt, cluster, name, accumulate=1, fp16_allreduce=False, model="mlp", steps=3, adasum=False):
@@ -58,32 +54,19 @@ def variant(rt, cluster, name, accumulate=1, fp16_allreduce=False, model="mlp", 
     assert np.all(rt.backend.allreduce(slots, "mean") == slots), f"rank {r}: optimizer state not broadcast"
 
     out = {"variant": name}
-    if model == "mlp":
-        ref = keras.models.clone_model(net)
-        ref.set_weights(net.get_weights())
-        ref_opt = build_optimizer(ref, cfg.optim)
-        ref_opt.build(ref.trainable_variables)
-        for v, w in zip(ref_opt.variables, trainer.optimizer.variables):  # the broadcast momentum buffers
-            v.assign(np.asarray(w))
-        ref_opt.learning_rate.assign(cfg.optim.lr)  # the trainer sets its own each step
-        task = Classification()
-        others = [ShardedBatchSampler(len(x), q, n, cfg.data.batch_size, seed=7) for q in range(n)]
-        ref_batches = [iter(s) for s in others]
+    ref = OneDevice(net, trainer, cfg, x, y, n, cfg.data.batch_size) if model == "mlp" else None
     batches = trainer.epoch_batches(0, 0)
     for _ in range(steps):
         trainer.train_step([next(batches) for _ in range(accumulate)])
-        if model == "mlp":  # one process: the union of every rank's micro-batches, mean loss, one step
-            idx = [i for it in ref_batches for _ in range(accumulate) for i, _ in next(it)]
-            with tf.GradientTape() as tape:
-                loss, _ = task(ref, (tf.constant(x[idx]), tf.constant(y[idx])), training=True)
-            ref_opt.apply_gradients(zip(tape.gradient(loss, ref.trainable_variables), ref.trainable_variables))
+        if ref is not None:  # one process: the union of every rank's micro-batches, mean loss, one step
+            ref.step(accumulate)
     trainer.sync_buffers()  # BatchNorm statistics: equal on every rank before a save or an evaluation
     mine = flat(trainer.model.weights)
     spread = float(np.abs(mine - rt.backend.allreduce(mine, "mean")).max())
     assert spread == 0.0, f"rank {r} ({name}): weights differ across ranks by {spread}"
     out["spread"] = spread
     if model == "mlp" and not adasum:  # Adasum is not an average: only agreement across ranks is checked
-        diff = float(np.abs(mine - flat(ref.weights)).max())
+        diff = float(np.abs(mine - flat(ref.model.weights)).max())
         tol = 2e-3 if fp16_allreduce else 1e-5
         assert diff < tol, f"rank {r} ({name}): differs from the single-process full-batch result by {diff}"
         out["diff_vs_single_process"] = diff

@@ -257,14 +257,19 @@ def test_pipeline_template_refuses_indivisible_world(slurm, tmp_path):
     assert "hpctrain.resnet" not in text and not (tmp_path / "runs").exists()
 
 
-def test_tf_8node_template_preempted_requeues_and_resumes(slurm, tmp_path):
-    # The unchanged template with --framework tf on all 8 nodes: USR1 -> agreed stop -> save -> exit 85 ->
-    # requeue -> resume from the .npz checkpoint -> done; every step once. 1024 samples / 8 ranks / batch 8
-    # = 16 steps per epoch, 2 epochs; the ranks agree on a stop every 2 steps.
+@pytest.mark.parametrize("nodes, backend, samples", [(8, "horovod", 1024), (2, "multiworker", 256)],
+                         ids=["8node-horovod", "2node-multiworker"])
+def test_tf_template_preempted_requeues_and_resumes(slurm, tmp_path, nodes, backend, samples):
+    # The unchanged template with --framework tf: USR1 -> agreed stop -> save -> exit 85 -> requeue -> resume
+    # from the .npz checkpoint -> done; every step once. samples / nodes / batch 8 = 16 steps per epoch, 2
+    # epochs; the ranks agree on a stop every 2 steps. On 2 nodes (sbatch --nodes overrides the template's 8)
+    # with tf.distribute's MultiWorkerMirroredStrategy: TF_CONFIG built from the step (worker hosts gathered
+    # over the PMIx-started MPI, since the emulated nodes' names do not resolve), the stop agreed through the
+    # strategy's own reduction.
     run_dir, out = tmp_path / "run", tmp_path / "job.out"
-    job = sbatch(slurm, ["--output", str(out), TEMPLATE, *TINY, "--framework", "tf", "--synthetic-size", "1024",
-                         "--epochs", "2", "--preempt-check-every", "2", "--run-dir", str(run_dir)],
-                 HPCTRAIN_SITE="testcluster")
+    job = sbatch(slurm, ["--nodes", str(nodes), "--output", str(out), TEMPLATE, *TINY, "--framework", "tf",
+                         "--backend", backend, "--synthetic-size", str(samples), "--epochs", "2",
+                         "--preempt-check-every", "2", "--run-dir", str(run_dir)], HPCTRAIN_SITE="testcluster")
     deadline = time.monotonic() + 300
     while len(_train_steps(run_dir)) < 3:
         assert time.monotonic() < deadline, "no progress\n" + diagnostics(slurm, out)
@@ -274,42 +279,14 @@ def test_tf_8node_template_preempted_requeues_and_resumes(slurm, tmp_path):
     info = wait_for_job(slurm, job, timeout=420, output=out)
     text = out.read_text()
     assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "1"), diagnostics(slurm, out)
-    assert "hpctrain.resnet: slurm launcher, 8 rank(s) on 8 node(s)" in text and "horovod backend, device CPU:0" in text
+    assert f"hpctrain.resnet: slurm launcher, {nodes} rank(s) on {nodes} node(s)" in text
+    assert f"{backend} backend, device CPU:0" in text
     stop = int(text.split("stopping at step ")[1].split()[0])
     assert 3 <= stop < 32 and stop % 2 == 0, text[-3000:]
     expected = [f"stopping at step {stop} on SIGUSR1: checkpoint saved", "exit 85 (requeue to resume)",
-                f"requeueing job {job}", "restart 1 on 8 node(s)", f"ckpt-{stop:08d}.npz at step {stop}",
+                f"requeueing job {job}", f"restart 1 on {nodes} node(s)", f"ckpt-{stop:08d}.npz at step {stop}",
                 "done at step 32"]
     positions = [text.find(e) for e in expected]
     assert all(p >= 0 for p in positions) and positions == sorted(positions), list(zip(expected, positions))
     assert [r["step"] for r in _train_steps(run_dir)] == list(range(1, 33))  # none lost or repeated
     assert (run_dir / "checkpoints" / "ckpt-00000032.npz").exists()
-
-
-def test_tf_multiworker_2node_template_preempted_requeues_and_resumes(slurm, tmp_path):
-    # The same template on 2 nodes (sbatch --nodes overrides its #SBATCH line) with tf.distribute's
-    # MultiWorkerMirroredStrategy: TF_CONFIG built from the step (worker hosts gathered over PMIx-started MPI,
-    # since the emulated nodes' names do not resolve), USR1 -> the workers agree through the strategy's own
-    # reduction -> save -> exit 85 -> requeue -> resume; every step once. 256 / 2 / 8 = 16 steps per epoch.
-    run_dir, out = tmp_path / "run", tmp_path / "job.out"
-    job = sbatch(slurm, ["--nodes", "2", "--output", str(out), TEMPLATE, *TINY, "--framework", "tf", "--backend",
-                         "multiworker", "--synthetic-size", "256", "--epochs", "2", "--preempt-check-every", "2",
-                         "--run-dir", str(run_dir)], HPCTRAIN_SITE="testcluster")
-    deadline = time.monotonic() + 300
-    while len(_train_steps(run_dir)) < 3:
-        assert time.monotonic() < deadline, "no progress\n" + diagnostics(slurm, out)
-        assert job_info(slurm, job)["JobState"] in ("PENDING", "RUNNING"), diagnostics(slurm, out)
-        time.sleep(0.5)
-    slurm.run("scancel", "--signal=USR1", "--batch", job)
-    info = wait_for_job(slurm, job, timeout=420, output=out)
-    text = out.read_text()
-    assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "1"), diagnostics(slurm, out)
-    assert "hpctrain.resnet: slurm launcher, 2 rank(s) on 2 node(s)" in text and "multiworker backend" in text
-    stop = int(text.split("stopping at step ")[1].split()[0])
-    assert 3 <= stop < 32 and stop % 2 == 0, text[-3000:]
-    expected = [f"stopping at step {stop} on SIGUSR1: checkpoint saved", "exit 85 (requeue to resume)",
-                f"requeueing job {job}", "restart 1 on 2 node(s)", f"ckpt-{stop:08d}.npz at step {stop}",
-                "done at step 32"]
-    positions = [text.find(e) for e in expected]
-    assert all(p >= 0 for p in positions) and positions == sorted(positions), list(zip(expected, positions))
-    assert [r["step"] for r in _train_steps(run_dir)] == list(range(1, 33))  # none lost or repeated
