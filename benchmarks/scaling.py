@@ -33,7 +33,8 @@ slow each other through memory bandwidth, caches and clock; that loss is the mac
 Each torch row also gets `efficiency_vs_ceiling` = T(n) / ceiling(n): what the software controls.
 
 Engines (`--engines`, a comma list of names or groups; default `torch`, today's five rows):
-  torch  hpctrain_horovod, hpctrain_ddp, plain_horovod_cycle10ms, plain_horovod_default, ceiling_no_comm
+  torch  hpctrain_horovod, hpctrain_mpi (--backend mpi: one fused mpi4py Allreduce per step), hpctrain_ddp,
+         plain_horovod_cycle10ms, plain_horovod_default, ceiling_no_comm
   tf     hpctrain's TensorFlow engine (`--framework tf`), the same model, data and step count:
          tf_horovod      mpirun -np n, --backend horovod, 1 intra-op thread per rank
          tf_multiworker  mpirun -np n, --backend multiworker (MultiWorkerMirroredStrategy, one worker per rank,
@@ -64,7 +65,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.common import save_results  # noqa: E402
 from hpctrain.models.names import BERT_SIZES  # noqa: E402  (no torch, TF or transformers import)
 
-TORCH_ENGINES = ("hpctrain_horovod", "hpctrain_ddp", "plain_horovod_cycle10ms", "plain_horovod_default",
+TORCH_ENGINES = ("hpctrain_horovod", "hpctrain_mpi", "hpctrain_ddp", "plain_horovod_cycle10ms", "plain_horovod_default",
                  "ceiling_no_comm")
 TF_ENGINES = ("tf_horovod", "tf_multiworker", "tf_mirrored")
 GROUPS = {"torch": TORCH_ENGINES, "tf": TF_ENGINES, "all": TORCH_ENGINES + TF_ENGINES}
@@ -220,6 +221,8 @@ def ratios(rows: list[dict], nps) -> dict:
     pairs = {"hpctrain_vs_plain_horovod_same_cycle": ("hpctrain_horovod", "plain_horovod_cycle10ms"),
              "hpctrain_vs_plain_horovod_default": ("hpctrain_horovod", "plain_horovod_default"),
              "hpctrain_horovod_vs_ddp": ("hpctrain_horovod", "hpctrain_ddp"),
+             "hpctrain_mpi_vs_plain_horovod_same_cycle": ("hpctrain_mpi", "plain_horovod_cycle10ms"),
+             "hpctrain_mpi_vs_ceiling": ("hpctrain_mpi", "ceiling_no_comm"),
              "hpctrain_horovod_vs_ceiling": ("hpctrain_horovod", "ceiling_no_comm"),
              "tf_multiworker_vs_tf_horovod": ("tf_multiworker", "tf_horovod"),
              "tf_mirrored_vs_tf_horovod": ("tf_mirrored", "tf_horovod"),
@@ -264,6 +267,7 @@ def measure(a, engines: list[str]) -> None:
     bert = a.model == "bert"
     unit = "sequences/s" if bert else "samples/s"
     runners = {"hpctrain_horovod": lambda n: hpctrain_rate(n, a, "horovod"),
+               "hpctrain_mpi": lambda n: hpctrain_rate(n, a, "mpi"),
                "hpctrain_ddp": lambda n: hpctrain_rate(n, a, "ddp"),
                "plain_horovod_cycle10ms": lambda n: plain_rate(n, a, {"HOROVOD_CYCLE_TIME": "10"}),
                "plain_horovod_default": lambda n: plain_rate(n, a, {}),

@@ -101,7 +101,8 @@ class OptimConfig:
 class DistConfig:
     framework: str = opt("torch", "training framework: torch (PyTorch engine) or tf (TensorFlow/Keras 3 engine)", choices=list(FRAMEWORKS))
     backend: str = opt("horovod", "how gradients are combined: horovod (ring-allreduce over MPI/Gloo), "
-                                  "ddp (torch.distributed), none (single process); --framework tf also: multiworker "
+                                  "ddp (torch.distributed), mpi (--framework torch on CPU: one mpi4py Allreduce of the fused "
+                                  "gradients per step), none (single process); --framework tf also: multiworker "
                                   "(tf.distribute MultiWorkerMirroredStrategy, any launcher or TF_CONFIG), mirrored "
                                   "(MirroredStrategy: one process, its local devices)",
                        choices=list(ALL_BACKENDS))

@@ -7,7 +7,7 @@ from __future__ import annotations
 import importlib
 
 # The backends each engine offers, first the default. config.py takes its choices from here.
-BACKENDS = {"torch": ("horovod", "ddp", "none"), "tf": ("horovod", "multiworker", "mirrored", "none")}
+BACKENDS = {"torch": ("horovod", "ddp", "mpi", "none"), "tf": ("horovod", "multiworker", "mirrored", "none")}
 # tf.distribute cross-worker collectives (multiworker) and their device rule (auto).
 COLLECTIVES = ("auto", "ring", "nccl")
 FRAMEWORKS = tuple(BACKENDS)

@@ -42,7 +42,7 @@ def test_scaling_smoke(tmp_path):
     data = _result(tmp_path, "scaling")
     assert (data["model"], data["arch"]) == ("resnet", "resnet18")
     assert {(r["engine"], r["np"]) for r in data["rows"]} == {
-        (e, n) for e in ("hpctrain_horovod", "hpctrain_ddp", "plain_horovod_cycle10ms", "plain_horovod_default",
+        (e, n) for e in ("hpctrain_horovod", "hpctrain_mpi", "hpctrain_ddp", "plain_horovod_cycle10ms", "plain_horovod_default",
                          "ceiling_no_comm") for n in (1, 2)}
     for r in data["rows"]:
         assert all(_positive_finite(r[k]) for k in ("samples_per_s_total", "samples_per_s_rank", "efficiency",
@@ -83,7 +83,7 @@ def test_scaling_bert_smoke(tmp_path):
     assert (data["model"], data["preset"], data["seq_len"], data["samples"]) == ("bert", "tiny", 32, "sequences")
     assert data["vocab_size"] == json.loads((tmp_path / "corpus" / "manifest.json").read_text())["vocab_size"]
     assert {(r["engine"], r["np"]) for r in data["rows"]} == {
-        (e, n) for e in ("hpctrain_horovod", "hpctrain_ddp", "plain_horovod_cycle10ms", "plain_horovod_default",
+        (e, n) for e in ("hpctrain_horovod", "hpctrain_mpi", "hpctrain_ddp", "plain_horovod_cycle10ms", "plain_horovod_default",
                          "ceiling_no_comm") for n in (1, 2)}
     for r in data["rows"]:
         assert all(_positive_finite(r[k]) for k in ("samples_per_s_total", "samples_per_s_rank", "efficiency",

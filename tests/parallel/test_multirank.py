@@ -42,5 +42,14 @@ def test_ddp_gradients_match_single_process():
     assert all(r["loss_scale"] == 16.0 for r in res.values())
 
 
-def test_resnet_with_batchnorm_stays_identical_across_ranks():
-    _ok_lines(run("mpirun", 2, [WORKER, "--backend", "horovod", "--model", "resnet18", "--steps", "2"]), 2)
+@pytest.mark.parametrize("flags", [[], ["--accumulate", "2"]], ids=["plain", "accumulate2"])
+def test_mpi_gradients_match_single_process(flags):
+    # One fused mpi4py Allreduce per step: the same parameters as full-batch SGD, rank 0's state everywhere.
+    res = _ok_lines(run("mpirun", 2, [WORKER, "--backend", "mpi", *flags]), 2)
+    assert all(r["backend"] == "mpi" and r["diff_vs_single_process"] < 1e-5 for r in res.values())
+    assert all(r["spread"] == 0.0 and r["loss_scale"] == 16.0 for r in res.values())
+
+
+@pytest.mark.parametrize("backend", ["horovod", "mpi"])
+def test_resnet_with_batchnorm_stays_identical_across_ranks(backend):
+    _ok_lines(run("mpirun", 2, [WORKER, "--backend", backend, "--model", "resnet18", "--steps", "2"]), 2)

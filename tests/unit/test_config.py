@@ -58,7 +58,7 @@ TF = ["--framework", "tf"]
     (["--port-base", "65536"], "dist.port_base (--port-base): 65536 is above the maximum 65535"),
     (["--port-base", "x"], "dist.port_base (--port-base): 'x' is not an integer"),
     (["--backend", "multiworker"], "'multiworker' is not a backend of the torch engine (allowed with --framework "
-                                   "torch: horovod, ddp, none)"),
+                                   "torch: horovod, ddp, mpi, none)"),
     (["--backend", "mirrored"], "'mirrored' is not a backend of the torch engine"),
 ])
 def test_bad_strategy_options(argv, words):

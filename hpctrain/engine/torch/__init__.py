@@ -1,7 +1,7 @@
 """The PyTorch engine: `build_trainer(recipe, cfg, cluster)` -> a resumed Trainer for hpctrain.loop.
 
     runtime.py        setup: device by local rank, threads, seed, backend, run-dir lock
-    backends/         how gradients are combined (horovod, ddp, none; the pipeline's mpi4py grid)
+    backends/         how gradients are combined (horovod, ddp, mpi, none; the pipeline's mpi4py grid)
     trainer.py        Trainer: the loop's engine protocol over a step plan
     data_parallel.py  the data-parallel step plan;  pipeline/step.py: the pipeline one
     tasks.py, util.py Classification; loaders, optimizer, batches to the device

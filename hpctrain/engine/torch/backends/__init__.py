@@ -18,13 +18,16 @@ def build_backend(cfg: DistConfig, cluster: ClusterEnv, device, pipeline_stages:
     if cfg.backend == "horovod":
         from hpctrain.engine.torch.backends.horovod import HorovodBackend
         return HorovodBackend(cfg, cluster, device)
+    if cfg.backend == "mpi":
+        from hpctrain.engine.torch.backends.mpi import MPIBackend
+        return MPIBackend(cfg, cluster, device)
     if cfg.backend == "ddp":
         from hpctrain.engine.torch.backends.ddp import DDPBackend
         return DDPBackend(cfg, cluster, device)
     if cfg.backend == "none":
         if cluster.size > 1:
             raise ConfigError(f"dist.backend (--backend): 'none' runs one process, but the launcher started {cluster.size} ranks "
-                             "(allowed with several ranks: horovod, ddp)")
+                             "(allowed with several ranks: horovod, ddp, mpi)")
         from hpctrain.engine.torch.backends.local import LocalBackend
         return LocalBackend(cfg, cluster, device)
     raise ConfigError(f"dist.backend (--backend): {cfg.backend!r} is not allowed with the torch engine "
