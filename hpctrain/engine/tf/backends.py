@@ -21,7 +21,6 @@ import contextlib
 
 import numpy as np
 
-from hpctrain.config import ConfigError
 from hpctrain.engine.base import start_horovod
 
 
@@ -109,18 +108,3 @@ class HorovodBackend(LocalBackend):
 def cluster_has_gpu() -> bool:
     import tensorflow as tf
     return bool(tf.config.list_physical_devices("GPU"))
-
-
-def build_backend(cfg, cluster, gpus: list):
-    if cfg.backend in ("mirrored", "multiworker"):
-        from hpctrain.engine.tf.strategies import MirroredBackend, MultiWorkerBackend
-        return (MirroredBackend if cfg.backend == "mirrored" else MultiWorkerBackend)(cfg, cluster, gpus)
-    if cfg.backend == "horovod":
-        return HorovodBackend(cfg, cluster)
-    if cfg.backend == "none":
-        if cluster.size > 1:
-            raise ConfigError(f"dist.backend (--backend): 'none' runs one process, but the launcher started "
-                              f"{cluster.size} ranks (allowed with several ranks and --framework tf: horovod, multiworker)")
-        return LocalBackend(cfg, cluster)
-    raise ConfigError(f"dist.backend (--backend): {cfg.backend!r} is not allowed with --framework tf "
-                      "(allowed: horovod, multiworker, mirrored, none)")

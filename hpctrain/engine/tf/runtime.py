@@ -14,7 +14,6 @@ def setup(cfg: TrainConfig, cluster: ClusterEnv) -> Runtime:
     import keras
     import tensorflow as tf
 
-    from hpctrain.engine.tf.backends import build_backend
     d = cfg.dist
     gpus = tf.config.list_physical_devices("GPU") if d.device != "cpu" else []
     if d.device == "cuda" and not gpus:
@@ -54,3 +53,20 @@ def setup(cfg: TrainConfig, cluster: ClusterEnv) -> Runtime:
                  local_replicas=backend.local_replicas)
     rt.run_lock = lock_run_dir(cfg.run.run_dir, rt)
     return rt
+
+
+def build_backend(cfg, cluster, gpus: list):
+    """The backend --backend names (here, not in backends.py: the strategies build on backends.py)."""
+    from hpctrain.engine.tf.backends import HorovodBackend, LocalBackend
+    if cfg.backend in ("mirrored", "multiworker"):
+        from hpctrain.engine.tf.strategies import MirroredBackend, MultiWorkerBackend
+        return (MirroredBackend if cfg.backend == "mirrored" else MultiWorkerBackend)(cfg, cluster, gpus)
+    if cfg.backend == "horovod":
+        return HorovodBackend(cfg, cluster)
+    if cfg.backend == "none":
+        if cluster.size > 1:
+            raise ConfigError(f"dist.backend (--backend): 'none' runs one process, but the launcher started "
+                              f"{cluster.size} ranks (allowed with several ranks and --framework tf: horovod, multiworker)")
+        return LocalBackend(cfg, cluster)
+    raise ConfigError(f"dist.backend (--backend): {cfg.backend!r} is not allowed with --framework tf "
+                      "(allowed: horovod, multiworker, mirrored, none)")
