@@ -20,14 +20,13 @@ over its local devices). The same Trainer, data, checkpoints and stop path as `h
 from __future__ import annotations
 
 import contextlib
-import json
 import pickle
 import socket
 
 import numpy as np
 import tensorflow as tf
 
-from hpctrain.cluster import ClusterError, parse_tf_config, port_in_use, tf_config
+from hpctrain.cluster import ClusterError, port_in_use, tf_config
 from hpctrain.config import ConfigError
 from hpctrain.engine.tf.backends import LocalBackend
 
@@ -124,8 +123,8 @@ class MultiWorkerBackend(StrategyBackend):
 
     def __init__(self, cfg, cluster, gpus: list):
         conf = tf_config(cluster, cfg.port_base, hosts=mpi_hosts(cluster))
-        addresses, rank = parse_tf_config(json.dumps(conf))
-        host, port = addresses[rank].rsplit(":", 1)
+        rank = cluster.rank  # tf_config checked that a user's TF_CONFIG puts this task there
+        host, port = (conf["cluster"].get("chief", []) + conf["cluster"]["worker"])[rank].rsplit(":", 1)
         if port_in_use(int(port)):
             raise ClusterError(f"--backend multiworker: port {port} of worker {rank} ({host}) is already in use; move "
                                f"the workers' ports with --port-base (now {cfg.port_base}; worker k uses base + k) "
