@@ -6,6 +6,8 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 # Running as root (containers, CI): Open MPI refuses without these.
 export OMPI_ALLOW_RUN_AS_ROOT := 1
 export OMPI_ALLOW_RUN_AS_ROOT_CONFIRM := 1
+# Ctrl-C on mpirun/horovodrun: the ranks get this many seconds (twice) to agree, save and exit (Open MPI: 1).
+export OMPI_MCA_odls_base_sigkill_timeout ?= 20
 
 .PHONY: install demo demo-tf demo-bert test test-unit test-latest lock clean container-check
 
@@ -14,15 +16,15 @@ install:
 
 # ResNet-18 on the built-in shapes dataset, 2 ranks, Horovod ring-allreduce; prints top-1 accuracy.
 demo: install
-	horovodrun -np $(NP) python -m hpctrain.resnet --config configs/demo.toml $(ARGS)
+	horovodrun -np $(NP) python -m hpctrain.resnet --config configs/demo.toml --new-run $(ARGS)
 
 # The same ResNet-18 demo on the TensorFlow engine (Keras 3 model from keras-hub, Horovod).
 demo-tf: install
-	horovodrun -np $(NP) python -m hpctrain.resnet --framework tf --config configs/demo.toml --run-dir runs/demo-tf $(ARGS)
+	horovodrun -np $(NP) python -m hpctrain.resnet --framework tf --config configs/demo.toml --run-dir runs/demo-tf --new-run $(ARGS)
 
 # Tiny BERT MLM on the built-in corpus (stdlib docstrings, prepared once into runs/corpus-builtin), 2 ranks.
 demo-bert: install
-	horovodrun -np $(NP) python -m hpctrain.bert --config configs/bert_tiny.toml $(ARGS)
+	horovodrun -np $(NP) python -m hpctrain.bert --config configs/bert_tiny.toml --new-run $(ARGS)
 
 test: install
 	$(PY) -m pytest -ra tests $(PYTEST_ARGS)

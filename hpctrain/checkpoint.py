@@ -17,6 +17,7 @@ import errno
 import os
 import re
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import BinaryIO, Callable, TypeVar
 
@@ -78,7 +79,7 @@ class CheckpointManager:
             good = self.list()
             raise CheckpointSaveError(f"could not write checkpoint {final}: {os_reason(e)}; nothing was replaced, "
                                       f"newest good checkpoint: {good[0].name if good else 'none'}") from e
-        self._prune()
+        self._prune(step)
         self.remove_stale_temps()
         return final
 
@@ -110,8 +111,11 @@ class CheckpointManager:
                     removed.append(p.name)
         return removed
 
-    def _prune(self) -> None:
-        for old in self.list()[self.keep:]:
+    def _prune(self, saved_step: int) -> None:
+        """Keep the newest `keep` checkpoints at or below the step just saved; never one above it (that would
+        be a step this run has not reached: not ours to remove; hpctrain.rundir sets such files aside)."""
+        ours = [p for p in self.list() if int(self._name.match(p.name).group(1)) <= saved_step]
+        for old in ours[self.keep:]:
             old.unlink(missing_ok=True)
             old.with_name(old.name + ".sha256").unlink(missing_ok=True)
 
@@ -153,6 +157,30 @@ class CheckpointManager:
     def load(self, path: Path, read: Callable[[Path], T]) -> T:
         self.verify(path)
         return read(path)
+
+
+def tensor_mismatch(theirs: dict, ours: dict) -> str | None:
+    """The first difference between two {name: shape} tables, as words."""
+    for name, shape in ours.items():
+        if name not in theirs:
+            return f"it has no {name}"
+        if tuple(theirs[name]) != tuple(shape):
+            return f"{name} is {list(theirs[name])} there, {list(shape)} here"
+    extra = [name for name in theirs if name not in ours]
+    return f"it has {extra[0]}, which this model has not" if extra else None
+
+
+def engine_of(path: str | os.PathLike) -> str | None:
+    """Which engine wrote a checkpoint file, from its layout: 'torch' (torch.save's zip holds data.pkl),
+    'tf' (the TF engine's .npz holds meta.npy), or None (neither, or not a zip at all)."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            names = z.namelist()
+    except (OSError, zipfile.BadZipFile):
+        return None
+    if any(n.endswith("/data.pkl") for n in names):
+        return "torch"
+    return "tf" if "meta.npy" in names else None
 
 
 def os_reason(error: BaseException) -> str:

@@ -89,8 +89,8 @@ def report(prog: str, cluster: ClusterEnv, step: int, result: dict) -> int:
     to requeue (the checkpoint is on disk: every rank learnt that from the save's collective)."""
     if "stopped_by_signal" in result:
         if cluster.rank == 0:
-            print(f"{prog}: stopped at step {step} on {result['stopped_by_signal']}, checkpoint saved: "
-                  f"exit {EXIT_PREEMPTED} (requeue to resume)", flush=True)
+            print(f"{prog}: stopped at step {step} on {result['stopped_by_signal']}, checkpoint saved: exit "
+                  f"{EXIT_PREEMPTED} (requeue or rerun the same command to resume)", flush=True)
         return EXIT_PREEMPTED
     if cluster.rank == 0:
         print(f"{prog}: done at step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in result.items()

@@ -105,7 +105,9 @@ def _detect_openmpi(env):
     node_rank = _int(env, "OMPI_COMM_WORLD_NODE_RANK")
     if node_rank is None and local_size:
         node_rank = rank // local_size
-    return "openmpi", rank, size, local_rank, local_size, node_rank, {}
+    # mpirun inside a Slurm allocation (sbatch): the job's id and requeue count still name this run's job.
+    extra = {"job_id": env.get("SLURM_JOB_ID"), "restart_count": _int(env, "SLURM_RESTART_COUNT") or 0}
+    return "openmpi", rank, size, local_rank, local_size, node_rank, extra
 
 
 def _detect_slurm(env):

@@ -21,6 +21,7 @@ from typing import Any, get_type_hints
 from hpctrain.data.images import DATASETS
 from hpctrain.engine import ALL_BACKENDS, BACKENDS, COLLECTIVES, FRAMEWORKS
 from hpctrain.errors import UserError
+from hpctrain.lr_schedule import SCALINGS
 from hpctrain.models.names import BERT_PRESETS, RESNET_ARCHS
 from hpctrain.pipeline.partition import PARTITION_METHODS
 
@@ -47,8 +48,10 @@ class RunConfig:
     checkpoint_every: int = opt(0, "save a checkpoint every N steps (0 = only at the end of each epoch)",
                                 minimum=0)
     keep_checkpoints: int = opt(3, "how many of the newest checkpoints to keep", minimum=1)
-    resume: str = opt("auto", "auto = resume from the newest checkpoint in run_dir if any; never; "
-                              "or a checkpoint file path")
+    resume: str = opt("auto", "auto = resume from the newest checkpoint of the run in run_dir if any; never (refused "
+                              "where run_dir holds a run: see --new-run); or a checkpoint file path")
+    new_run: bool = opt(False, "start a new run in run_dir: a run already there is moved to run_dir/archive/run-<id>/ "
+                               "(never deleted; a requeue of the Slurm job that started the run resumes it instead)")
     progress: str = opt("auto", "progress bar on rank 0: auto (only on a terminal), always, never",
                         choices=["auto", "always", "never"])
     tensorboard: bool = opt(True, "write TensorBoard event files to run_dir/tb")
@@ -88,10 +91,13 @@ class OptimConfig:
     lr: float = opt(0.1, "base learning rate for one rank; scaled by --lr-scaling", minimum=0.0)
     momentum: float = opt(0.9, "SGD momentum", minimum=0.0, maximum=1.0)
     weight_decay: float = opt(5e-5, "weight decay", minimum=0.0)
-    lr_scaling: str = opt("linear", "linear = lr x world size (Goyal et al.), none = keep lr",
-                          choices=["linear", "none"])
-    warmup_epochs: float = opt(1.0, "linear warm-up from base lr to the scaled lr over this many epochs",
-                               minimum=0.0)
+    lr_scaling: str = opt("linear", "linear = lr x replicas (Goyal et al., SGD), sqrt = lr x sqrt(replicas) (Adam-type "
+                                    "optimizers), none = keep lr", choices=list(SCALINGS))
+    warmup_epochs: float = opt(1.0, "linear warm-up to the scaled lr over this many epochs", minimum=0.0)
+    warmup_ratio: float = opt(0.0, "warm-up over this fraction of the run's steps instead of --warmup-epochs "
+                                   "(BERT's recipe; 0 = use --warmup-epochs)", minimum=0.0, maximum=1.0)
+    warmup_from: str = opt("base", "where the warm-up starts: base (the unscaled lr, Goyal et al.) or zero",
+                           choices=["base", "zero"])
     schedule: str = opt("cosine", "decay after warm-up (poly: linear decay to 0 at the last step, BERT's recipe)",
                         choices=["cosine", "step", "constant", "poly"], flag="--lr-schedule")
     label_smoothing: float = opt(0.0, "label smoothing for the cross-entropy loss", minimum=0.0, maximum=1.0)
@@ -191,12 +197,29 @@ class _Dictable:
 
 
 @dataclass
+class BertOptimConfig(OptimConfig):
+    """BERT's own defaults: AdamW, a warm-up from zero over the first 10% of the steps, then linear decay, and
+    the learning rate scaled by sqrt(replicas), which stays stable from 1 to 64 ranks on the built-in corpus."""
+    optimizer: str = opt("adamw", "optimizer", choices=["sgd", "adamw"])
+    lr: float = opt(5e-4, "base learning rate for one replica; scaled by --lr-scaling", minimum=0.0)
+    weight_decay: float = opt(0.01, "weight decay", minimum=0.0)
+    lr_scaling: str = opt("sqrt", "linear = lr x replicas, sqrt = lr x sqrt(replicas) (Adam-type optimizers), "
+                                  "none = keep lr", choices=list(SCALINGS))
+    warmup_epochs: float = opt(0.0, "warm-up over this many epochs (used when --warmup-ratio is 0)", minimum=0.0)
+    warmup_ratio: float = opt(0.1, "warm-up over this fraction of the run's steps (0 = use --warmup-epochs)",
+                              minimum=0.0, maximum=1.0)
+    warmup_from: str = opt("zero", "where the warm-up starts: zero or base (the unscaled lr)", choices=["base", "zero"])
+    schedule: str = opt("poly", "decay after warm-up (poly: linear decay to 0 at the last step, BERT's recipe)",
+                        choices=["cosine", "step", "constant", "poly"], flag="--lr-schedule")
+
+
+@dataclass
 class BertTrainConfig(_Dictable):
     """BERT MLM pretraining (`python -m hpctrain.bert`): text data and BERT model sections."""
     run: RunConfig = field(default_factory=RunConfig)
     data: TextDataConfig = field(default_factory=TextDataConfig)
     model: BertModelConfig = field(default_factory=BertModelConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
+    optim: BertOptimConfig = field(default_factory=BertOptimConfig)
     dist: DistConfig = field(default_factory=DistConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
 
@@ -269,7 +292,8 @@ def set_value(cfg: TrainConfig, section: str, name: str, value: Any) -> None:
     setattr(obj, name, coerced)
 
 
-def load_toml(cfg, path: str) -> None:
+def load_toml(cfg, path: str) -> set[str]:
+    """Apply a TOML file; returns the "section.field" keys it set."""
     SECTIONS = sections(type(cfg))  # noqa: N806 (the sections of this config class)
     p = Path(path)
     if not p.is_file():
@@ -278,6 +302,7 @@ def load_toml(cfg, path: str) -> None:
         data = tomllib.loads(p.read_text())
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"--config {path}: not valid TOML ({e})") from None
+    keys = set()
     for section, values in data.items():
         if section not in SECTIONS or not isinstance(values, dict):
             raise ConfigError(f"{path}: unknown section [{section}] (allowed: {', '.join(SECTIONS)})")
@@ -288,6 +313,8 @@ def load_toml(cfg, path: str) -> None:
                 raise ConfigError(f"{path}: unknown key {section}.{name}"
                                   + (f" (did you mean {hint[0]}?)" if hint else f" (allowed: {', '.join(known)})"))
             set_value(cfg, section, name, value)
+            keys.add(f"{section}.{name}")
+    return keys
 
 
 class _OneLineParser(argparse.ArgumentParser):
@@ -330,12 +357,15 @@ def parse(argv: list[str] | None, prog: str, config_cls=None):
     `config_cls` (default TrainConfig) picks the sections, e.g. BertTrainConfig for hpctrain.bert."""
     cfg = (config_cls or TrainConfig)()
     args = build_parser(prog, cfg).parse_args(argv)
+    explicit = set()
     if args.config:
-        load_toml(cfg, args.config)
+        explicit |= load_toml(cfg, args.config)
     for key, value in vars(args).items():
         if "." in key and value is not None:
             section, name = key.split(".", 1)
             set_value(cfg, section, name, value)
+            explicit.add(key)
+    cfg.explicit = frozenset(explicit)  # "section.field" set by the TOML or a flag (not a field: not in to_dict)
     validate(cfg)
     if args.print_config:
         print(json.dumps(cfg.to_dict(), indent=2, sort_keys=True))

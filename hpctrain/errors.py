@@ -11,6 +11,7 @@ EXIT_PREEMPTED = 85       # stopped on a signal after a checkpoint was saved: re
 EXIT_HANG = 86            # the hang watchdog fired: no training progress for --hang-timeout seconds
 EXIT_SAVE_FAILED = 87     # a checkpoint could not be written (full disk, I/O error): do not requeue blindly
 EXIT_NONFINITE = 88       # the loss or the weights became NaN/inf: nothing of them was saved
+EXIT_ABORTED = 130        # a second Ctrl-C (SIGINT): ended at once, no checkpoint (the shell's code for SIGINT)
 
 
 class ExitError(Exception):
@@ -31,3 +32,13 @@ class CheckpointSaveError(ExitError):
 class NonFiniteError(ExitError):
     """The rank-averaged loss, or the weights about to be saved, are not finite."""
     exit_code = EXIT_NONFINITE
+
+
+def rebuild(exit_code: int, message: str) -> ExitError:
+    """The error another rank raised, from its code and message (what a broadcast verdict carries)."""
+    for cls in (UserError, CheckpointSaveError, NonFiniteError):
+        if cls.exit_code == exit_code:
+            return cls(message)
+    error = ExitError(message)
+    error.exit_code = exit_code
+    return error

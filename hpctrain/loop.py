@@ -46,7 +46,7 @@ def train(engine: Engine, cfg: RunConfig, rank: int, preemption=None) -> dict:
                                   tensorboard=cfg.tensorboard, initial_step=engine.step)
     window = Window(engine)
     result: dict = {}
-    stopped_by = None
+    stopped_by, noticed = None, False
     while engine.step < limit and stopped_by is None:
         epoch, offset = divmod(engine.step, engine.steps_per_epoch)
         epoch_rate = Throughput()
@@ -64,6 +64,10 @@ def train(engine: Engine, cfg: RunConfig, rank: int, preemption=None) -> dict:
                 engine.save()
             if engine.step >= limit:
                 break
+            if preemption is not None and preemption.requested and not noticed:
+                noticed = True
+                engine.log(f"{preemption.reason} received: stopping at the next agreed step (every "
+                           f"{cfg.preempt_check_every}) after a checkpoint; a second Ctrl-C ends at once, unsaved")
             # Preemption: all ranks agree at the same step (one collective), so all save and stop together.
             if preemption is not None and preemption.should_stop(engine.step, cfg.preempt_check_every,
                                                                  engine.agree):

@@ -15,7 +15,6 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from hpctrain.files import atomic_write
 
 
 class Throughput:
@@ -39,27 +38,6 @@ class Throughput:
         if self.start is None or self.samples == 0:
             return float("nan")
         return self.samples / (time.perf_counter() - self.start)
-
-
-def drop_records_after(path: Path, step: int) -> int:
-    """Keep only records up to `step`, the step a resumed run restarts from: the steps after its
-    checkpoint are trained again and would otherwise appear twice. A torn last line goes too.
-    Returns how many lines were dropped."""
-    if not path.is_file():
-        return 0
-    keep, dropped = [], 0
-    for line in path.read_text().splitlines():
-        try:
-            ok = json.loads(line)["step"] <= step
-        except (ValueError, KeyError, TypeError):
-            ok = False
-        if ok:
-            keep.append(line)
-        else:
-            dropped += 1
-    if dropped:
-        atomic_write(path, lambda f: f.write("".join(x + "\n" for x in keep).encode()))
-    return dropped
 
 
 def event_writer(directory: Path):
@@ -87,16 +65,13 @@ class MetricsLogger:
             return
         run_dir = Path(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
-        dropped = drop_records_after(run_dir / "metrics.jsonl", initial_step)
+        # Records after initial_step, which a resumed run trains again, were set aside by hpctrain.rundir.
         self.jsonl = open(run_dir / "metrics.jsonl", "a", buffering=1)
         if tensorboard:
             self.tb = event_writer(run_dir / "tb")
         show = progress == "always" or (progress == "auto" and sys.stderr.isatty())
         if show:
             self.bar = tqdm(total=total_steps, initial=initial_step, unit="step", dynamic_ncols=True)
-        if dropped:
-            self.info(f"metrics.jsonl: dropped {dropped} record(s) after step {initial_step} (the resumed run "
-                      "redoes those steps)")
 
     def info(self, message: str) -> None:
         if not self.enabled:

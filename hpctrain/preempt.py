@@ -1,11 +1,18 @@
-"""Preemption and wall time: signal -> flag -> ranks agree at a step boundary -> save -> exit 85 -> requeue.
+"""Preemption, wall time and Ctrl-C: signal -> flag -> ranks agree at a step boundary -> save -> exit 85.
 
 Framework-neutral (no torch import): the engine hands in the collective that combines the flag.
 
-- `Preemption.install()` makes SIGUSR1 (Slurm's `--signal=B:USR1@<lead>`, forwarded by the batch
-  script) and SIGTERM (scancel, node drain, time limit, preemption) only set a flag and remember
-  which signal came. Nothing is saved inside the handler: a handler runs between two bytecodes of
-  whatever the main thread is doing, possibly inside a collective.
+- `Preemption.install()` makes these signals only set a flag and remember which came first: SIGUSR1
+  (Slurm's `--signal=B:USR1@<lead>`, forwarded by the batch script; `kill -USR1` of mpirun, which
+  forwards it), SIGTERM (scancel, node drain, time limit, preemption), SIGINT (Ctrl-C where the ranks are
+  in the terminal's process group: a single process, srun), and SIGCONT. Open MPI's mpirun answers Ctrl-C
+  (and Slurm ends a job) with SIGCONT to every rank at once, then SIGTERM and SIGKILL each
+  `odls_base_sigkill_timeout` seconds later (Slurm: KillWait): SIGCONT is the first and earliest notice
+  that the job is ending. A SIGCONT that resumes a job-control stop (Ctrl-Z, which mpirun forwards as
+  SIGTSTP) is not a stop request: SIGTSTP is handled here, noted, and then stops the process.
+  A second SIGINT ends the process at once (exit 130), without a checkpoint.
+- Nothing is saved inside the handler: a handler runs between two bytecodes of whatever the main thread
+  is doing, possibly inside a collective.
 - At a step boundary every rank calls `should_stop(step, every, combine)`; every `every` steps it
   combines the local flag across ranks (one allreduce of one number), so a signal seen by any rank
   stops all ranks at the same step and the collective checkpoint that follows cannot deadlock.
@@ -21,11 +28,10 @@ import os
 import signal
 from typing import Callable
 
-# Exit code of a rank that stopped on a signal after saving a checkpoint: "requeue me". Distinct from
-# 0-2 (done, error, bad input), 126/127 (not executable / not found) and 128+N (killed by signal N).
-EXIT_PREEMPTED = 85
+from hpctrain.errors import EXIT_ABORTED
 
-SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT, signal.SIGCONT)
+REASONS = {signal.SIGINT: "SIGINT (Ctrl-C)", signal.SIGCONT: "SIGCONT from the launcher (Ctrl-C on mpirun, or the job is ending)"}
 
 
 def agree(local: bool, combine: Callable[[int], float]) -> bool:
@@ -68,20 +74,35 @@ class Preemption:
     def __init__(self, signals: tuple[int, ...] = SIGNALS):
         self.signals = signals
         self.signum: int | None = None  # the first signal received
-        self.count = 0
-        self.stopped_at: int | None = None
+        self.received: list[int] = []  # every stop signal, in order
+        self._job_stopped = False  # a SIGTSTP stopped us: the next SIGCONT resumes, it does not stop
         self._previous: dict[int, object] = {}
 
     def _handle(self, signum, frame) -> None:
         # Only record: the decision is taken at the next agreed step boundary.
+        if signum == signal.SIGCONT and self._job_stopped:
+            self._job_stopped = False
+            return
+        if signum == signal.SIGINT and signal.SIGINT in self.received:
+            from hpctrain import runlock  # the second Ctrl-C: leave now, freeing the run dir
+            runlock.release_all()
+            os._exit(EXIT_ABORTED)
         if self.signum is None:
             self.signum = signum
-        self.count += 1
+        self.received.append(signum)
+
+    def _job_control_stop(self, signum, frame) -> None:
+        self._job_stopped = True
+        signal.signal(signal.SIGTSTP, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTSTP)  # stops here; SIGCONT resumes
+        signal.signal(signal.SIGTSTP, self._job_control_stop)
 
     def install(self) -> "Preemption":
         _prepare_workers()
         for s in self.signals:
             self._previous[s] = signal.signal(s, self._handle)
+        if signal.SIGCONT in self.signals:
+            self._previous[signal.SIGTSTP] = signal.signal(signal.SIGTSTP, self._job_control_stop)
         return self
 
     def uninstall(self) -> None:
@@ -102,13 +123,12 @@ class Preemption:
     @property
     def reason(self) -> str:
         """Name of the signal this process received, or a note that another rank received one."""
-        return signal.Signals(self.signum).name if self.signum is not None else "a signal on another rank"
+        if self.signum is None:
+            return "a signal on another rank"
+        return REASONS.get(self.signum, signal.Signals(self.signum).name)
 
     def should_stop(self, step: int, every: int, combine: Callable[[int], float]) -> bool:
         """Collective every `every` steps (all ranks must call it at the same steps)."""
         if step % every:
             return False
-        if agree(self.requested, combine):
-            self.stopped_at = step
-            return True
-        return False
+        return agree(self.requested, combine)

@@ -29,6 +29,7 @@ one creator wins. Whether an existing lock is stale is decided from its content 
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import secrets
@@ -112,6 +113,10 @@ def _parse(raw: bytes) -> dict | None:
     return holder if valid and holder["pid"] > 0 else None  # pid 0 / -1 would make kill(pid, 0) hit groups
 
 
+def _why(error: OSError) -> str:
+    return f"{error.strerror or error} ({errno.errorcode.get(error.errno, error.errno)})"
+
+
 def _iso(t) -> str:
     try:
         return datetime.fromtimestamp(t).astimezone().isoformat(timespec="seconds")
@@ -143,13 +148,18 @@ class RunLock:
     def acquire(self) -> "RunLock":
         if self.held:
             return self
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise RunLockError(f"run.run_dir (--run-dir): cannot create {self.run_dir}: {_why(e)}") from None
         holder = None
         for _ in range(ATTEMPTS):
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
                 pass
+            except OSError as e:  # a read-only file system, no permission: nothing of the run could be written
+                raise RunLockError(f"run.run_dir (--run-dir): cannot write in {self.run_dir}: {_why(e)}") from None
             else:
                 self._own(fd)
                 return self

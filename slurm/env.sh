@@ -15,7 +15,7 @@
 # HPCTRAIN_DRY_RUN=1: hpctrain_step prints the srun command line it would run and returns 0 (checks a site
 # file or an image setting without a cluster: `HPCTRAIN_DRY_RUN=1 bash slurm/resnet_8node.sh ...`).
 
-# Must equal hpctrain.preempt.EXIT_PREEMPTED (tests/unit/test_slurm_helper.py checks).
+# Must equal hpctrain.errors.EXIT_PREEMPTED (tests/unit/test_slurm_helper.py checks).
 HPCTRAIN_EXIT_PREEMPTED=85
 # Exit codes of hpctrain (hpctrain/errors.py) after which relaunching the step would fail the same way:
 # bad input, a checkpoint that could not be saved, a non-finite loss.

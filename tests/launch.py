@@ -60,13 +60,18 @@ def metrics(run_dir: Path, kind: str) -> list[dict]:
     return [r for r in map(json.loads, lines) if r["kind"] == kind]
 
 
-def start(np: int, args: list[str], wrap: str | None = None, launcher: str = "mpirun") -> subprocess.Popen:
-    """Start a job without waiting; `wrap` is a bash snippet each rank runs its command through ("$@")."""
+def start(np: int, args: list[str], wrap: str | None = None, launcher: str = "mpirun",
+          extra_env: dict | None = None, new_session: bool = False) -> subprocess.Popen:
+    """Start a job without waiting; `wrap` is a bash snippet each rank runs its command through ("$@");
+    `new_session`: the launcher leads its own process group, as in a terminal (for Ctrl-C = SIGINT to the group)."""
     cmd = command(launcher, np, args)
     if wrap:  # mpirun -np N bash -c WRAP _ python ARGS
         at = cmd.index(args[0]) - 1
         cmd[at:at] = ["bash", "-c", wrap, "_"]
-    return subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    e = env()
+    e.update(extra_env or {})
+    return subprocess.Popen(cmd, cwd=ROOT, env=e, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=new_session)
 
 
 def wait_for(predicate, timeout: float) -> bool:

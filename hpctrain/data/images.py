@@ -375,6 +375,9 @@ def _build_folder(path: str | None, image_size: int, num_classes: int, seed: int
         train = _scan_split(train_dir, list(enumerate(classes)), verify, log, pool)
         val = _scan_split(val_dir, [(i, c) for i, c in enumerate(classes) if c in val_classes],
                           verify, log, pool)
+    if len(set(train[1])) < 2:
+        raise DataError(f"{train_dir} holds images of {len(set(train[1]))} class(es): a classifier needs 2 or more "
+                        f"(allowed: {train_dir}/<class>/*.jpg with at least two classes)")
     log(f"folder dataset: {len(train[0])} train / {len(val[0])} val images, "
         f"{len(classes)} classes, from {path}")
     return (FolderSource(train_dir, *train, classes, image_size, seed, True, log, layout),
@@ -399,8 +402,9 @@ def build_image_sources(dataset: str, path: str | None, image_size: int, num_cla
     if seed < 0:  # numpy seed sequences take non-negative integers only
         raise DataError(f"seed must be >= 0, got {seed}")
     if dataset == "synthetic":
-        if num_classes < 1:
-            raise DataError(f"dataset 'synthetic' needs num_classes >= 1, got {num_classes}")
+        if num_classes < 2:
+            raise DataError(f"data.num_classes (--num-classes): {num_classes} for dataset 'synthetic' (allowed: 2 "
+                            "or more: a classifier of one class learns nothing)")
         if synthetic_size < 1:
             raise DataError(f"synthetic_size must be >= 1, got {synthetic_size}")
         return (SyntheticSource(synthetic_size, num_classes, image_size, seed, True, layout),

@@ -15,5 +15,8 @@ ALL_BACKENDS = tuple(dict.fromkeys(b for names in BACKENDS.values() for b in nam
 
 
 def load(framework: str):
-    """The engine module: `build_trainer(recipe, cfg, cluster)` -> a resumed trainer (see hpctrain.loop)."""
-    return importlib.import_module(f"hpctrain.engine.{framework}")
+    """The engine module: `build_trainer(recipe, cfg, cluster)` -> a resumed trainer (see hpctrain.loop).
+    The framework's start-up lines on stderr are shown only if the import fails (hpctrain.quiet)."""
+    from hpctrain import quiet
+    with quiet.captured():
+        return importlib.import_module(f"hpctrain.engine.{framework}")

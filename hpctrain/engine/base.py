@@ -12,14 +12,14 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from hpctrain import loop, watchdog
-from hpctrain.checkpoint import CheckpointManager
+from hpctrain import loop, rundir, watchdog
+from hpctrain.checkpoint import CheckpointError, CheckpointManager, engine_of
 from hpctrain.cluster import ClusterEnv
 from hpctrain.config import ConfigError, TrainConfig
 from hpctrain.data.sharding import ShardedBatchSampler
-from hpctrain.errors import CheckpointSaveError, ExitError, NonFiniteError
+from hpctrain.errors import ExitError, NonFiniteError, rebuild
 from hpctrain.lr_schedule import lr_at, scaled_lr
-from hpctrain.runlock import RunLock, RunLockError
+from hpctrain.runlock import RunLock
 
 
 @dataclass
@@ -32,24 +32,27 @@ class Runtime:
     data_size: int = 1  # number of data-parallel replicas (world size / pipeline stages)
     run_lock: RunLock | None = None  # rank 0's lock on run_dir
     local_replicas: int = 1  # replicas this rank feeds (tf.distribute: its devices); the sampler deals it their batches
+    opened: rundir.Opened | None = None  # rank 0: the run found in run_dir and the resume mode to apply
 
 
-def lock_run_dir(run_dir: str, rt: Runtime) -> RunLock | None:
-    """Rank 0 holds run_dir's lock for the run's lifetime (released by close, at exit on an error, or
-    found stale after a crash); every rank learns the verdict, so a second run into the same
-    directory stops whole."""
-    lock, error = None, None
+def open_run_dir(recipe, cfg, rt: Runtime) -> None:
+    """Rank 0 takes run_dir's lock for the run's lifetime (released by close, at exit on an error, or found
+    stale after a crash) and applies the run-directory rules (hpctrain.rundir) before anything is written;
+    every rank learns the verdict, so a refused run stops whole."""
+    error = None
     if rt.cluster.rank == 0:
+        r = cfg.run
         try:
-            lock = RunLock(run_dir, job_id=rt.cluster.job_id, restart=rt.cluster.restart_count,
-                           step=rt.cluster.step_id).acquire()
-            atexit.register(lock.release)
-        except RunLockError as e:
-            error = str(e)
+            rt.run_lock = RunLock(r.run_dir, job_id=rt.cluster.job_id, restart=rt.cluster.restart_count,
+                                  step=rt.cluster.step_id).acquire()
+            atexit.register(rt.run_lock.release)
+            rt.opened = rundir.open_run(r.run_dir, recipe.identity(cfg), r.resume, r.new_run, rt.cluster.job_id,
+                                        log=print)
+        except ExitError as e:
+            error = (e.exit_code, str(e))
     error = rt.backend.broadcast_object(error)
     if error:
-        raise RunLockError(error)
-    return lock
+        raise rebuild(*error)
 
 
 def open_data(recipe, cfg: TrainConfig, rt: Runtime):
@@ -72,7 +75,24 @@ def announce(trainer, recipe, cfg, data, params: int) -> None:
     trainer.log(f"{recipe.prog}: {recipe.describe(cfg, data, params)}, {rt.backend.name} backend, device {rt.device}, "
                 f"{rt.threads} thread(s) per rank, {trainer.steps_per_epoch} steps/epoch, batch {cfg.data.batch_size} per "
                 f"replica x {trainer.data_size} replica(s) x {trainer.micro_batches} micro-batch(es) = "
-                f"{cfg.data.batch_size * trainer.data_size * trainer.micro_batches} global")
+                f"{cfg.data.batch_size * trainer.data_size * trainer.micro_batches} global; {trainer.bound}")
+
+
+def explicit_fields(cfg) -> frozenset:
+    return getattr(cfg, "explicit", frozenset())
+
+
+def run_length(run, steps_per_epoch: int, explicit: frozenset) -> tuple[int, str]:
+    """(the LR schedule's horizon in steps, what ends the run, for the start line). --max-steps N runs N steps
+    (over as many epochs as that takes) unless --epochs, given explicitly, ends the run before."""
+    by_epochs = steps_per_epoch * run.epochs
+    if run.max_steps and ("run.epochs" not in explicit or run.max_steps <= by_epochs):
+        horizon = run.max_steps if "run.epochs" not in explicit else by_epochs
+        return horizon, f"ends after {run.max_steps} steps (--max-steps)"
+    epochs = f"{run.epochs} epoch(s) x {steps_per_epoch} steps"
+    if run.max_steps:
+        return by_epochs, f"ends after {epochs} = {by_epochs} steps (--epochs {run.epochs}, before --max-steps {run.max_steps})"
+    return by_epochs, f"ends after {epochs} = {by_epochs} steps (--epochs)"
 
 
 def start_horovod(hvd, cfg, cluster: ClusterEnv, on_gpu: bool) -> None:
@@ -108,16 +128,19 @@ class EngineBase:
             raise ConfigError(f"data.batch_size (--batch-size): {cfg.data.batch_size} x {micro_batches} "
                               f"micro-batch(es) x {self.data_size} replica(s) is more than the "
                               f"{sampler.num_samples} training samples: not one step per epoch")
-        self.total_steps = self.steps_per_epoch * cfg.run.epochs  # the LR schedule's horizon
+        self.total_steps, self.bound = run_length(cfg.run, self.steps_per_epoch, explicit_fields(cfg))
         o = cfg.optim
-        self.base_lr = o.lr
         self.peak_lr = scaled_lr(o.lr, self.data_size, o.lr_scaling)
-        self.warmup_steps = int(round(o.warmup_epochs * self.steps_per_epoch))
+        self.base_lr = 0.0 if o.warmup_from == "zero" else o.lr
+        warmup = o.warmup_ratio * self.total_steps if o.warmup_ratio else o.warmup_epochs * self.steps_per_epoch
+        self.warmup_steps = int(round(warmup))
         self.checkpoints = CheckpointManager(Path(cfg.run.run_dir) / "checkpoints", cfg.run.keep_checkpoints,
                                              log=self.log, suffix=self.checkpoint_suffix)
         self.logger = None  # set by hpctrain.loop.train
         self.data = None  # the recipe's Data, and its after-train hook (trainer, cfg): set by build_trainer
         self.after_train = None
+        self.identity: dict | None = None  # the run's framework, recipe and model signature: set by build_trainer
+        self.run_id: str | None = None  # the run this trainer continues or began (rank 0, after resume)
 
     def log(self, message: str) -> None:
         if self.cluster.rank == 0:
@@ -162,32 +185,111 @@ class EngineBase:
                 path = self.checkpoints.save(self.step, lambda f: self.write_state(state, f))
                 self.log(f"saved checkpoint {path} (step {self.step})")
             except ExitError as e:
-                verdict = (type(e).__name__, str(e))
+                verdict = (e.exit_code, str(e))
         verdict = self.backend.broadcast_object(verdict)
         if verdict is not None:
-            raise {"NonFiniteError": NonFiniteError}.get(verdict[0], CheckpointSaveError)(verdict[1])
+            raise rebuild(*verdict)
 
     def resume(self) -> int:
-        """Rank 0 reads the newest good checkpoint (or --resume FILE); `restore` hands its state to every
-        rank (or, found nothing, makes every rank start from rank 0's initial weights)."""
+        """Rank 0 reads the checkpoint to resume from (the newest good one of this run, or --resume FILE) and
+        checks that it fits; `restore` hands its state to every rank (or, found nothing, makes every rank start
+        from rank 0's initial weights). A refusal reaches every rank before any collective of the restore."""
         with watchdog.phase("resume"):
-            found = None
+            found, error = None, None
             if self.cluster.rank == 0:
                 removed = self.checkpoints.remove_stale_temps()
                 if removed:
                     self.log(f"removed {len(removed)} temp file(s) of an interrupted save: {', '.join(removed)}")
-                found = self.read_checkpoint()
+                try:
+                    found = self.read_checkpoint()
+                except ExitError as e:
+                    error = (e.exit_code, str(e))
+            error = self.backend.broadcast_object(error)
+            if error:
+                raise rebuild(*error)
             self.step = self.restore(found)
             return self.step
 
     def read_checkpoint(self):
-        """(path, state) of the checkpoint to resume from, or None (rank 0 only)."""
-        mode = self.cfg.run.resume
-        if mode == "never":
-            return None
-        if mode == "auto":
-            return self.checkpoints.load_latest(self.read_state)
-        return Path(mode), self.checkpoints.load(Path(mode), self.read_state)
+        """(path, state) of the checkpoint to resume from, or None (rank 0 only); then the run directory is
+        settled for this run: what it trains again set aside, its run.json written."""
+        opened = self.rt.opened or rundir.Opened(None, self.cfg.run.resume)
+        record = opened.record
+        if record is not None and self.identity is not None:
+            diff = rundir.difference(self.identity, record.identity())
+            if diff:
+                raise rundir.RunDirError(f"run dir {self.cfg.run.run_dir} holds another run ({diff}): "
+                                         f"{rundir.ways_out(self.cfg.run.run_dir)}")
+        found = None
+        if opened.resume == "auto":
+            found = self.checkpoints.load_latest(self.read_state)
+        elif opened.resume != "never":
+            path = Path(opened.resume)
+            found = path, self.read_named(path)
+        if found is not None:
+            self.check_fits(*found, record, explicit=opened.resume not in ("auto", "never"))
+        if self.identity is not None:
+            self.settle_run_dir(found, record, opened.resume)
+        return found
+
+    def read_named(self, path: Path) -> dict:
+        """--resume FILE: a checkpoint of this engine, or one line saying what it is instead."""
+        try:
+            return self.checkpoints.load(path, self.read_state)
+        except CheckpointError:
+            raise
+        except Exception as e:  # noqa: BLE001 - whatever the reader raised, the file is not ours to load
+            writer = engine_of(path)
+            mine = self.cfg.dist.framework
+            hint = (f"it was written by the {writer} engine: add --framework {writer}" if writer and writer != mine
+                    else f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}")
+            raise CheckpointError(f"run.resume (--resume): {path} is not a checkpoint of the {mine} engine "
+                                  f"({hint})") from None
+
+    def check_fits(self, where, state: dict, record, explicit: bool) -> None:
+        """The checkpoint belongs to this run (or, named by --resume, may start or rewind it) and matches the
+        model: its identity, then every tensor's name and shape. One line naming the first difference."""
+        theirs = state.get("run_id")
+        if record is not None and theirs and theirs != record.run_id:
+            began = (record.started_from or {}).get("run_id")
+            if not explicit or theirs != began:
+                raise rundir.RunDirError(f"checkpoint {where} belongs to run {theirs}, but run dir "
+                                         f"{self.cfg.run.run_dir} holds {record.describe()}: "
+                                         f"{rundir.ways_out(self.cfg.run.run_dir)}")
+        diff = rundir.difference(self.identity, state["identity"]) if self.identity and state.get("identity") else None
+        problem = diff and f"it has {diff}" or self.shape_mismatch(state)
+        if problem:
+            raise CheckpointError(f"checkpoint {where} does not fit this model: {problem}")
+
+    def settle_run_dir(self, found, record, mode: str) -> None:
+        """Set aside what a run resumed at its step trains again; write run.json for a new run (or note this
+        Slurm job in it, so a requeue of the job resumes the run whatever its --resume says)."""
+        run_dir, step = self.cfg.run.run_dir, int(found[1]["step"]) if found else 0
+        aside, names, records = rundir.set_aside_redone(run_dir, step)
+        if aside is not None:
+            self.log(f"run dir: moved what this run trains again after step {step} to {aside} ({len(names)} "
+                     f"checkpoint(s){': ' + ', '.join(names) if names else ''}; {records} metrics record(s))")
+        job = self.cluster.job_id
+        if record is None:
+            began = None
+            if found and mode not in ("auto", "never"):
+                began = {"path": str(found[0]), "run_id": found[1].get("run_id"), "step": step}
+            record = rundir.new_record(self.identity, job, began)
+            rundir.write_record(run_dir, record)
+            self.log(f"run dir {run_dir}: {'new ' if not found else ''}{record.describe()}")
+        elif job and record.slurm_job != job:
+            record.slurm_job = job
+            rundir.write_record(run_dir, record)
+        self.run_id = record.run_id
+
+    def checkpoint_meta(self) -> dict:
+        """What every checkpoint carries besides the tensors."""
+        return {"step": self.step, "world_size": self.cluster.size, "config": self.cfg.to_dict(),
+                "run_id": self.run_id, "identity": self.identity}
+
+    def shape_mismatch(self, state: dict) -> str | None:
+        """The first tensor of `state` whose name or shape differs from this model's (engine-specific)."""
+        return None
 
     def note_world_size(self, state: dict) -> None:
         if state.get("world_size") != self.cluster.size:

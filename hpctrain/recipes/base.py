@@ -43,3 +43,11 @@ class Recipe:
     def describe(self, cfg, data: Data, params: int) -> str:
         """The model part of the start-up line, e.g. 'resnet18'."""
         raise NotImplementedError
+
+    def signature(self, cfg, data: Data | None = None) -> dict:
+        """What makes two runs the same model (hpctrain.rundir): from the config alone when `data` is None,
+        else also what the data decides (classes of a folder, a corpus' vocabulary)."""
+        raise NotImplementedError
+
+    def identity(self, cfg, data: Data | None = None) -> dict:
+        return {"framework": cfg.dist.framework, "recipe": self.name, **self.signature(cfg, data)}

@@ -52,6 +52,8 @@ def load_model(m, shards: TokenShards):
 def save_hf(model, shards: TokenShards, run_dir: str) -> Path:
     """model.save_pretrained + tokenizer files into run_dir/hf, swapped in whole (never half-written)."""
     from transformers import PreTrainedTokenizerFast
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()  # save_pretrained's "Writing model shards" bar: not a training log line
 
     def build(tmp: Path) -> None:
         model.save_pretrained(tmp)
@@ -85,6 +87,13 @@ class Bert(Recipe):
         shards = data.info["shards"]
         return (f"BERT {cfg.model.model_path or cfg.model.preset} ({params / 1e6:.1f}M params), {len(shards)} "
                 f"sequences x {shards.seq_len} tokens")
+
+    def signature(self, cfg, data: Data | None = None) -> dict:
+        model = {"model_path": cfg.model.model_path} if cfg.model.model_path else {"preset": cfg.model.preset}
+        if data is None:
+            return model
+        shards = data.info["shards"]
+        return {**model, "vocab_size": shards.vocab_size, "seq_len": shards.seq_len}
 
     def torch_model(self, cfg, data: Data):
         return load_model(cfg.model, data.info["shards"])

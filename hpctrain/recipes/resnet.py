@@ -18,6 +18,9 @@ class ResNet(Recipe):
     def describe(self, cfg, data: Data, params: int) -> str:
         return cfg.model.arch
 
+    def signature(self, cfg, data: Data | None = None) -> dict:
+        return {"arch": cfg.model.arch, **({"num_classes": data.train.num_classes} if data else {})}
+
     def torch_model(self, cfg, data: Data):
         from hpctrain.models.resnet import build_resnet
         return build_resnet(cfg.model.arch, data.train.num_classes, cfg.model.zero_init_residual)

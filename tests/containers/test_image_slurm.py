@@ -33,7 +33,7 @@ def test_template_in_image_trains_is_preempted_requeues_and_resumes(image, slurm
     stop = int(text.split("stopping at step ")[1].split()[0])
     assert 3 <= stop < 32 and stop % 2 == 0, text[-3000:]
     expected = ["restart 0 on 2 node(s)", "batch script got SIGUSR1", f"stopping at step {stop} on SIGUSR1: checkpoint saved",
-                "exit 85 (requeue to resume)", f"requeueing job {job}", "restart 1 on 2 node(s)",
+                "exit 85 (requeue or rerun the same command to resume)", f"requeueing job {job}", "restart 1 on 2 node(s)",
                 f"ckpt-{stop:08d}.pt at step {stop}", "done at step 32"]
     positions = [text.find(e) for e in expected]
     assert all(p >= 0 for p in positions) and positions == sorted(positions), list(zip(expected, positions))

@@ -88,7 +88,7 @@ def test_second_run_into_the_same_dir_is_refused_and_the_first_is_untouched(tmp_
     signal_ranks(again, signal.SIGKILL)
     finish(again)
     out = check_ok(run("single", 1, [*TINY, "--backend", "none", "--run-dir", str(tmp_path / "k"), "--max-steps", "1",
-                                     "--resume", "never"]))
+                                     "--new-run"]))
     assert "taking over stale lock" in out
 
 

@@ -1,4 +1,5 @@
 """End to end through `python -m hpctrain.resnet`, real launchers, real files."""
+import json
 from pathlib import Path
 
 import numpy as np
@@ -73,8 +74,13 @@ def test_corrupt_newest_checkpoint_falls_back(tmp_path):
     out = check_ok(run("single", 1, [*args, "--max-steps", "6"]))
     assert "ckpt-00000004.pt is corrupt" in out
     assert "ckpt-00000002.pt at step 2" in out
-    assert "dropped 2 record(s) after step 2" in out  # steps 3, 4 of the first run: redone, not doubled
+    # Steps 3, 4 of the first run are trained again: their records and the corrupt checkpoint are set aside, not
+    # deleted (the old code deleted the records and left the corrupt file to be tried first at every resume).
+    assert "moved what this run trains again after step 2 to" in out and "1 checkpoint(s): ckpt-00000004.pt" in out
     assert [r["step"] for r in metrics(run_dir, "train")] == [1, 2, 3, 4, 5, 6]
+    aside = next((run_dir / "archive").glob("redone-*-after-step-2"))
+    assert [json.loads(line)["step"] for line in (aside / "metrics.jsonl").read_text().splitlines()] == [3, 4]
+    assert (aside / "checkpoints" / "ckpt-00000004.pt").stat().st_size == 1000
 
 
 @pytest.mark.parametrize("argv, words", [

@@ -4,7 +4,7 @@ import re
 
 import pytest
 
-from hpctrain.checkpoint import CheckpointError, CheckpointManager, os_reason
+from hpctrain.checkpoint import CheckpointError, CheckpointManager, engine_of, os_reason, tensor_mismatch
 from hpctrain.errors import CheckpointSaveError
 
 
@@ -154,3 +154,39 @@ def test_a_pt_manager_ignores_npz_checkpoints_in_the_same_directory(tmp_path):
 def test_bad_suffix_is_a_value_error_naming_it(tmp_path, bad):
     with pytest.raises(ValueError, match=f"suffix {re.escape(repr(bad))}"):
         CheckpointManager(tmp_path, suffix=bad)
+
+
+def test_retention_never_removes_a_checkpoint_above_the_one_just_saved(tmp_path):
+    # Checkpoints at 10/15/20 are above a save at step 5: none of them may be pruned, and neither may step 5
+    # (the old code kept "the three highest steps" and deleted the new run's checkpoint at once).
+    m = CheckpointManager(tmp_path, keep=2, log=lambda *_: None)
+    for step in (10, 15, 20):
+        m.save(step, _write({"step": step}))
+    m.save(5, _write({"step": 5}))
+    assert [p.name for p in m.list()] == [f"ckpt-{s:08d}.pt" for s in (20, 15, 5)]  # 10 was pruned by 20's save
+    m.save(6, _write({"step": 6}))
+    assert [p.name for p in m.list()] == [f"ckpt-{s:08d}.pt" for s in (20, 15, 6, 5)]
+    m.save(7, _write({"step": 7}))
+    assert [p.name for p in m.list()] == [f"ckpt-{s:08d}.pt" for s in (20, 15, 7, 6)]
+
+
+def test_engine_of_names_the_writer(tmp_path):
+    import io
+    import json as _json
+
+    import numpy as np
+    import torch
+    torch.save({"model": {"w": torch.zeros(2)}}, tmp_path / "a.pt")
+    buf = io.BytesIO()
+    np.savez(buf, meta=np.array(_json.dumps({"step": 1})), **{"model/0": np.zeros(2)})
+    (tmp_path / "b.npz").write_bytes(buf.getvalue())
+    (tmp_path / "c.txt").write_text("hello")
+    assert [engine_of(tmp_path / n) for n in ("a.pt", "b.npz", "c.txt", "missing")] == ["torch", "tf", None, None]
+
+
+def test_tensor_mismatch_names_the_first_difference():
+    ours = {"conv.weight": (64, 3, 7, 7), "fc.weight": (5, 512)}
+    assert tensor_mismatch(dict(ours), ours) is None
+    assert tensor_mismatch({**ours, "fc.weight": (10, 512)}, ours) == "fc.weight is [10, 512] there, [5, 512] here"
+    assert tensor_mismatch({"conv.weight": (64, 3, 7, 7)}, ours) == "it has no fc.weight"
+    assert tensor_mismatch({**ours, "extra.bias": (3,)}, ours) == "it has extra.bias, which this model has not"

@@ -118,3 +118,33 @@ def test_cli_errors_are_one_line_exit_2():
         lines = [line for line in p.stderr.splitlines() if line.strip()]
         assert len(lines) == 1, p.stderr
         assert "error:" in lines[0] and words in lines[0], lines[0]
+
+
+def test_explicit_fields_are_the_ones_a_toml_or_a_flag_set(tmp_path):
+    f = tmp_path / "c.toml"
+    f.write_text('[run]\nepochs = 1\n[optim]\nlr = 0.2\n')
+    cfg = parse(["--config", str(f), "--max-steps", "5"], "t")
+    assert cfg.explicit == {"run.epochs", "optim.lr", "run.max_steps"}
+    assert "explicit" not in cfg.to_dict()
+    assert parse([], "t").explicit == frozenset()
+
+
+@pytest.mark.parametrize("epochs, max_steps, explicit, horizon, words", [
+    (1, 0, (), 10, "ends after 1 epoch(s) x 10 steps = 10 steps (--epochs)"),
+    (1, 25, (), 25, "ends after 25 steps (--max-steps)"),  # --max-steps alone runs past one epoch
+    (1, 25, ("run.epochs",), 10, "(--epochs 1, before --max-steps 25)"),  # an explicit --epochs ends it first
+    (3, 25, ("run.epochs",), 30, "ends after 25 steps (--max-steps)"),  # ... or not: the horizon stays the epochs'
+])
+def test_run_length(epochs, max_steps, explicit, horizon, words):
+    from hpctrain.config import RunConfig
+    from hpctrain.engine.base import run_length
+    got_horizon, bound = run_length(RunConfig(epochs=epochs, max_steps=max_steps), 10, frozenset(explicit))
+    assert got_horizon == horizon and words in bound
+
+
+def test_bert_has_its_own_optimizer_defaults():
+    from hpctrain.config import BertTrainConfig
+    o = parse([], "t", BertTrainConfig).optim
+    assert (o.optimizer, o.lr, o.lr_scaling, o.warmup_ratio, o.warmup_from, o.schedule) == \
+        ("adamw", 5e-4, "sqrt", 0.1, "zero", "poly")
+    assert parse([], "t").optim.optimizer == "sgd"  # ResNet keeps SGD with linear scaling

@@ -385,3 +385,23 @@ def test_bad_layout_names_the_value_and_the_choices(bad):
         _shapes(layout=bad)
     with pytest.raises(DataError, match=re.escape(repr(bad))):
         ShapesSource(10, 32, 0, True, layout=bad)
+
+
+def test_torch_loader_worker_errors_come_back_as_our_own_line():
+    from hpctrain.engine.torch.util import worker_message
+    wrapped = ("Caught DataError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"
+               '  File "x.py", line 1, in <module>\nhpctrain.data.images.DataError: 64 consecutive images from '
+               "/d/a.jpg on cannot be decoded\n")
+    assert worker_message(wrapped) == "64 consecutive images from /d/a.jpg on cannot be decoded"
+    assert worker_message("a plain message: with a colon") == "a plain message: with a colon"
+
+
+def test_fewer_than_two_classes_is_one_line(tmp_path):
+    with pytest.raises(DataError, match=r"data.num_classes \(--num-classes\): 1 for dataset 'synthetic' "
+                                        r"\(allowed: 2 or more"):
+        build_image_sources("synthetic", None, 32, 1, 0)
+    for split in ("train", "val"):
+        (tmp_path / split / "only").mkdir(parents=True)
+        Image.new("RGB", (8, 8)).save(tmp_path / split / "only" / "a.png")
+    with pytest.raises(DataError, match=r"holds images of 1 class\(es\): a classifier needs 2 or more"):
+        _folder(tmp_path, num_classes=0)

@@ -76,6 +76,10 @@ class StopAt:
     def __init__(self, engine, step):
         self.engine, self.at = engine, step
 
+    @property
+    def requested(self):
+        return self.engine.step >= self.at
+
     def should_stop(self, step, every, agree):
         return step % every == 0 and agree(self.engine.step >= self.at) > 0
 

@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from hpctrain.metrics import MetricsLogger, drop_records_after
+from hpctrain.metrics import MetricsLogger
 from hpctrain.lr_schedule import lr_at, scaled_lr
 
 
@@ -44,13 +44,17 @@ def test_disabled_logger_writes_nothing(tmp_path):
     assert not (tmp_path / "r1").exists()
 
 
-def test_resume_drops_the_records_it_will_redo_and_a_torn_line(tmp_path):
+def test_sqrt_scaling_and_warmup_from_zero():
+    assert scaled_lr(5e-4, 16, "sqrt") == pytest.approx(2e-3) and scaled_lr(5e-4, 16, "none") == 5e-4
+    with pytest.raises(ValueError, match="not one of: linear, sqrt, none"):
+        scaled_lr(1.0, 2, "cube")
+    lrs = [lr_at(s, base_lr=0.0, peak_lr=1.0, warmup_steps=4, total_steps=10, schedule="poly") for s in range(10)]
+    assert lrs[:5] == [0.0, 0.25, 0.5, 0.75, 1.0] and lrs[-1] == pytest.approx(1 / 6)
+
+
+def test_metrics_logger_appends_after_the_records_it_finds(tmp_path):
     path = tmp_path / "metrics.jsonl"
-    records = [{"kind": "train", "step": s} for s in (1, 2, 3, 4)] + [{"kind": "eval", "step": 4}]
-    path.write_text("".join(json.dumps(r) + "\n" for r in records) + '{"kind": "train", "st')
-    assert drop_records_after(path, 2) == 4
-    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2]
-    assert drop_records_after(path, 2) == 0 and drop_records_after(tmp_path / "missing.jsonl", 0) == 0
+    path.write_text(json.dumps({"kind": "train", "step": 1}) + "\n")
     logger = MetricsLogger(tmp_path, enabled=True, total_steps=10, progress="never", tensorboard=False,
                            initial_step=1)
     logger.log(2, "train", {"loss": 1.0})

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from hpctrain import preempt
+from hpctrain.errors import EXIT_PREEMPTED
 from tests.launch import ROOT, command, env
 
 
@@ -30,7 +31,7 @@ def test_real_signal_sets_flag_and_names_it(sig):
         assert _wait_for(lambda: p.requested), f"{sig.name} did not reach the handler"
         assert p.reason == sig.name and p.signum == sig
         os.kill(os.getpid(), signal.SIGUSR1 if sig == signal.SIGTERM else signal.SIGTERM)
-        assert _wait_for(lambda: p.count == 2)
+        assert _wait_for(lambda: len(p.received) == 2)
         assert p.reason == sig.name  # the first signal is the one reported
 
 
@@ -60,6 +61,7 @@ def test_forked_worker_survives_foreign_sigterm_and_exits_with_its_parent():
     script = """
 import multiprocessing as mp, subprocess, time
 from hpctrain import preempt
+from hpctrain.errors import EXIT_PREEMPTED
 preempt.Preemption().install()
 def work():
     preempt.worker_ignores_foreign_sigterm()
@@ -168,7 +170,7 @@ def test_cli_sigterm_saves_exits_85_and_resumes(tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    assert proc.returncode == preempt.EXIT_PREEMPTED, out[-3000:]
+    assert proc.returncode == EXIT_PREEMPTED, out[-3000:]
     stopped = _train_steps(run_dir)[-1]
     assert stopped % 3 == 0 and stopped < 30, out[-2000:]
     assert f"stopping at step {stopped} on SIGTERM: checkpoint saved" in out
@@ -179,3 +181,45 @@ def test_cli_sigterm_saves_exits_85_and_resumes(tmp_path):
     assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
     assert f"at step {stopped}" in again.stdout and "resumed from" in again.stdout
     assert _train_steps(run_dir) == list(range(1, 31))
+
+
+def test_sigint_and_the_launcher_s_sigcont_are_stop_requests():
+    for sig, reason in ((signal.SIGINT, "SIGINT (Ctrl-C)"), (signal.SIGCONT, "SIGCONT from the launcher")):
+        with preempt.Preemption() as p:
+            os.kill(os.getpid(), sig)
+            assert _wait_for(lambda: p.requested), f"{sig.name} did not reach the handler"
+            assert p.reason.startswith(reason)
+
+
+JOB_CONTROL = """
+import os, signal, sys, time
+from hpctrain import preempt
+from hpctrain.errors import EXIT_PREEMPTED
+p = preempt.Preemption().install()
+print("ready", flush=True)
+for line in sys.stdin:
+    time.sleep(0.2)
+    print(p.requested, p.reason if p.requested else "-", flush=True)
+"""
+
+
+def test_ctrl_z_then_fg_is_no_stop_request_and_a_second_ctrl_c_ends_at_once():
+    child = subprocess.Popen([sys.executable, "-c", JOB_CONTROL], cwd=ROOT, env=env(), stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "ready"
+        child.send_signal(signal.SIGTSTP)  # what mpirun forwards on Ctrl-Z: the child stops itself
+        assert _wait_for(lambda: Path(f"/proc/{child.pid}/stat").read_text().split(") ")[1][0] == "T", 5)
+        child.send_signal(signal.SIGCONT)  # fg
+        child.stdin.write("?\n")
+        child.stdin.flush()
+        assert child.stdout.readline().strip() == "False -"
+        child.send_signal(signal.SIGINT)  # the first Ctrl-C: a stop request
+        child.stdin.write("?\n")
+        child.stdin.flush()
+        assert child.stdout.readline().strip() == "True SIGINT (Ctrl-C)"
+        child.send_signal(signal.SIGINT)  # the second: out at once
+        assert child.wait(5) == 130
+    finally:
+        child.kill()
+        child.wait()

@@ -256,3 +256,22 @@ def test_module_imports_no_framework():
     p = _python(code)
     out, _ = p.communicate(timeout=30)
     assert out.strip() == "[]"
+
+
+def test_a_run_dir_that_cannot_be_created_or_written_is_one_line(tmp_path):
+    with pytest.raises(RunLockError) as e:
+        RunLock("/proc/hpctrain-run").acquire()
+    assert str(e.value).startswith("run.run_dir (--run-dir): cannot create /proc/hpctrain-run: ")
+    assert "(ENOENT)" in str(e.value) and "\n" not in str(e.value)
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    try:
+        if os.geteuid() == 0:  # root writes through permissions: a read-only bind mount is the real thing
+            subprocess.run(["mount", "--bind", "-o", "ro", str(ro), str(ro)], check=True)
+        with pytest.raises(RunLockError, match=r"cannot write in .*ro: Read-only file system \(EROFS\)|Permission"):
+            RunLock(ro).acquire()
+    finally:
+        if os.geteuid() == 0:
+            subprocess.run(["umount", str(ro)])
+        ro.chmod(0o755)

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from hpctrain import preempt
+from hpctrain.errors import EXIT_PREEMPTED
 from hpctrain import slurm as helper
 from tests.launch import ROOT, env
 
@@ -108,7 +108,7 @@ def test_template_is_thin_and_portable():
 
 def test_shell_exit_code_matches_preempt_constant():
     env_sh = (ROOT / "slurm" / "env.sh").read_text()
-    assert re.search(r"^HPCTRAIN_EXIT_PREEMPTED=(\d+)$", env_sh, re.M).group(1) == str(preempt.EXIT_PREEMPTED)
+    assert re.search(r"^HPCTRAIN_EXIT_PREEMPTED=(\d+)$", env_sh, re.M).group(1) == str(EXIT_PREEMPTED)
 
 
 def _env_sh(site_env: dict, script: str) -> subprocess.CompletedProcess:

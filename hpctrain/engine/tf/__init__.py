@@ -13,7 +13,7 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TF C++ INFO/WARNING logs (TF 2.21's absl start-up lines ignore it)
 
-from hpctrain.engine.base import announce, open_data  # noqa: E402
+from hpctrain.engine.base import announce, open_data, open_run_dir  # noqa: E402
 from hpctrain.engine.tf.data import BatchStream  # noqa: E402
 from hpctrain.engine.tf.runtime import setup  # noqa: E402
 from hpctrain.engine.tf.trainer import Trainer  # noqa: E402
@@ -25,6 +25,7 @@ def build_trainer(recipe, cfg, cluster) -> Trainer:
     """setup -> the recipe's data -> sharded samplers as tf.data -> its Keras model and task -> Trainer
     -> resume: the torch engine's sequence."""
     rt = setup(cfg, cluster)
+    open_run_dir(recipe, cfg, rt)
     data, train_sampler, val_sampler = open_data(recipe, cfg, rt)
     workers, backend = cfg.data.workers, rt.backend
     train = BatchStream(data.train, train_sampler, workers,
@@ -35,6 +36,7 @@ def build_trainer(recipe, cfg, cluster) -> Trainer:
         trainer = Trainer(model, train, val, rt, cfg, recipe.tf_task(cfg))
     trainer.data = data
     trainer.after_train = getattr(recipe, "tf_after", None)
+    trainer.identity = recipe.identity(cfg, data)
     announce(trainer, recipe, cfg, data, model.count_params())
     trainer.resume()
     return trainer

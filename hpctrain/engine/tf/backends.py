@@ -21,6 +21,7 @@ import contextlib
 
 import numpy as np
 
+from hpctrain import quiet
 from hpctrain.engine.base import start_horovod
 
 
@@ -70,7 +71,8 @@ class HorovodBackend(LocalBackend):
 
     def __init__(self, cfg, cluster):
         super().__init__(cfg, cluster)
-        import horovod.tensorflow as hvd
+        with quiet.captured():  # loads TF's CUDA stubs again, with their start-up lines
+            import horovod.tensorflow as hvd
         self.hvd = hvd
         start_horovod(hvd, cfg, cluster, on_gpu=cluster_has_gpu())
         self._broadcasts = 0

@@ -1,13 +1,13 @@
 """Process set-up for the TensorFlow engine: one GPU per local rank (memory growth) or the rank's share
-of the CPU cores, mixed precision policy, seeds, backend, run-dir lock."""
+of the CPU cores, mixed precision policy, seeds, backend."""
 from __future__ import annotations
 
 import os
 
-from hpctrain import watchdog
+from hpctrain import quiet, watchdog
 from hpctrain.cluster import ClusterEnv, threads_per_rank, visible_gpu_index
 from hpctrain.config import ConfigError, TrainConfig
-from hpctrain.engine.base import Runtime, lock_run_dir
+from hpctrain.engine.base import Runtime
 
 
 def setup(cfg: TrainConfig, cluster: ClusterEnv) -> Runtime:
@@ -15,7 +15,8 @@ def setup(cfg: TrainConfig, cluster: ClusterEnv) -> Runtime:
     import tensorflow as tf
 
     d = cfg.dist
-    gpus = tf.config.list_physical_devices("GPU") if d.device != "cpu" else []
+    with quiet.captured():  # the first device query logs "failed call to cuInit" on every machine without a GPU
+        gpus = tf.config.list_physical_devices("GPU") if d.device != "cpu" else []
     if d.device == "cuda" and not gpus:
         raise ConfigError("dist.device (--device): 'cuda' requested but no GPU is visible (allowed here: auto, cpu)")
     strategy = d.backend in ("mirrored", "multiworker")
@@ -51,7 +52,6 @@ def setup(cfg: TrainConfig, cluster: ClusterEnv) -> Runtime:
     backend = build_backend(d, cluster, gpus)
     rt = Runtime(cluster, device, threads, backend, backend.data_rank, backend.data_size,
                  local_replicas=backend.local_replicas)
-    rt.run_lock = lock_run_dir(cfg.run.run_dir, rt)
     return rt
 
 

@@ -16,6 +16,7 @@ import tensorflow as tf
 
 from hpctrain import watchdog
 from hpctrain.config import ConfigError
+from hpctrain.checkpoint import tensor_mismatch
 from hpctrain.engine.base import EngineBase
 
 
@@ -116,8 +117,7 @@ class Trainer(EngineBase):
         if self.cluster.rank != 0 and not self.backend.collective_reads:
             return None
         state = {"model": [np.asarray(v) for v in self.model.weights],
-                 "optimizer": [np.asarray(v) for v in self.optimizer.variables],
-                 "step": self.step, "world_size": self.cluster.size, "config": self.cfg.to_dict()}
+                 "optimizer": [np.asarray(v) for v in self.optimizer.variables], **self.checkpoint_meta()}
         return state if self.cluster.rank == 0 else None
 
     @staticmethod
@@ -147,8 +147,6 @@ class Trainer(EngineBase):
         step = self.step
         if found:
             where, state = found
-            if len(state["model"]) != len(self.model.weights):
-                raise_mismatch(where, "weights", len(state["model"]), len(self.model.weights))
             self.model.set_weights(state["model"])
             if len(state["optimizer"]) == len(self.optimizer.variables):
                 for v, a in zip(self.optimizer.variables, state["optimizer"]):
@@ -161,8 +159,9 @@ class Trainer(EngineBase):
         self.backend.broadcast_variables([*self.model.weights, *self.optimizer.variables])
         return self.backend.broadcast_object(step)
 
-
-def raise_mismatch(where, what, got, want):
-    from hpctrain.checkpoint import CheckpointError
-    raise CheckpointError(f"checkpoint {where} holds {got} {what}, this model has {want}: written by another "
-                          "model or --arch/--preset")
+    def shape_mismatch(self, state: dict) -> str | None:
+        theirs, ours = state.get("model") or [], self.model.weights
+        if len(theirs) != len(ours):
+            return f"{len(theirs)} weights there, {len(ours)} here"
+        return tensor_mismatch({f"weight #{i} ({w.path})": a.shape for i, (a, w) in enumerate(zip(theirs, ours))},
+                               {f"weight #{i} ({w.path})": tuple(w.shape) for i, w in enumerate(ours)})

@@ -8,7 +8,7 @@
 """
 from __future__ import annotations
 
-from hpctrain.data.sharding import ShardedBatchSampler
+from hpctrain.engine.base import announce, open_data, open_run_dir
 from hpctrain.engine.torch.runtime import Runtime, setup
 from hpctrain.engine.torch.tasks import Classification
 from hpctrain.engine.torch.trainer import Trainer
@@ -30,27 +30,19 @@ def make_trainer(model, train_loader, val_loader, rt: Runtime, cfg, task=None) -
 
 
 def build_trainer(recipe, cfg, cluster) -> Trainer:
-    """setup -> the recipe's data -> sharded samplers and loaders -> its torch model and task -> Trainer
-    -> resume. The same sequence for every recipe."""
-    from hpctrain.recipes.base import World
+    """setup -> the run directory -> the recipe's data -> sharded samplers and loaders -> its torch model and
+    task -> Trainer -> resume. The same sequence for every recipe (and the TF engine's)."""
     rt = setup(cfg, cluster)
-    log = print if cluster.rank == 0 else (lambda *_: None)
-    data = recipe.data(cfg, World(cluster.rank, rt.data_rank, rt.data_size, rt.backend.broadcast_object, log))
-    d, seed = cfg.data, cfg.run.seed
-    train_sampler = ShardedBatchSampler(len(data.train), rt.data_rank, rt.data_size, d.batch_size, seed,
-                                        contiguous=data.contiguous)
-    val_loader = None
-    if data.val is not None:
-        val_sampler = ShardedBatchSampler(len(data.val), rt.data_rank, rt.data_size, d.eval_batch_size or d.batch_size,
-                                          seed, shuffle=False, drop_last=False, pad=False)
-        val_loader = make_loader(data.val, val_sampler, d.workers, rt.device)
+    open_run_dir(recipe, cfg, rt)
+    data, train_sampler, val_sampler = open_data(recipe, cfg, rt)
+    workers = cfg.data.workers
+    val_loader = make_loader(data.val, val_sampler, workers, rt.device) if val_sampler is not None else None
     model = recipe.torch_model(cfg, data)
-    trainer = make_trainer(model, make_loader(data.train, train_sampler, d.workers, rt.device), val_loader, rt, cfg,
+    trainer = make_trainer(model, make_loader(data.train, train_sampler, workers, rt.device), val_loader, rt, cfg,
                            recipe.torch_task(cfg))
     trainer.data = data
     trainer.after_train = getattr(recipe, "torch_after", None)
-    params = sum(p.numel() for p in model.parameters())
-    trainer.log(f"{recipe.prog}: {recipe.describe(cfg, data, params)}, {rt.backend.name} backend, device {rt.device}, "
-                f"{rt.threads} thread(s) per rank, {trainer.steps_per_epoch} steps/epoch")
+    trainer.identity = recipe.identity(cfg, data)
+    announce(trainer, recipe, cfg, data, sum(p.numel() for p in model.parameters()))
     trainer.resume()
     return trainer

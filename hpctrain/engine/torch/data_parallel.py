@@ -52,8 +52,7 @@ class DataParallel:
         if trainer.cluster.rank != 0:
             return None
         return {"model": self.whole_model().state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scaler": trainer.scaler.state_dict() if trainer.scaler else None, "step": trainer.step,
-                "world_size": trainer.cluster.size, "config": trainer.cfg.to_dict()}
+                "scaler": trainer.scaler.state_dict() if trainer.scaler else None, **trainer.checkpoint_meta()}
 
     def restore(self, found, trainer) -> int:
         """`found` = (path, state) on rank 0 if it read a checkpoint. Every rank gets rank 0's weights,

@@ -1,4 +1,4 @@
-"""Process set-up for the torch engine: device by local rank, threads, seed, backend, run-dir lock."""
+"""Process set-up for the torch engine: device by local rank, threads, seed, backend."""
 from __future__ import annotations
 
 import os
@@ -8,7 +8,7 @@ import torch
 from hpctrain import watchdog
 from hpctrain.cluster import ClusterEnv, threads_per_rank, visible_gpu_index
 from hpctrain.config import ConfigError, TrainConfig
-from hpctrain.engine.base import Runtime, lock_run_dir
+from hpctrain.engine.base import Runtime
 from hpctrain.engine.torch.backends import build_backend
 
 
@@ -34,5 +34,4 @@ def setup(cfg: TrainConfig, cluster: ClusterEnv) -> Runtime:
         os.environ.setdefault(name, value)  # read by Horovod / NCCL at init; the user's own settings win
     backend = build_backend(d, cluster, device, cfg.pipeline.stages)
     rt = Runtime(cluster, device, threads, backend, backend.data_rank, backend.data_size)
-    rt.run_lock = lock_run_dir(cfg.run.run_dir, rt)
     return rt

@@ -10,10 +10,11 @@ import torch
 from torch import nn
 
 from hpctrain import watchdog
+from hpctrain.checkpoint import tensor_mismatch
 from hpctrain.engine.base import EngineBase
 from hpctrain.engine.torch.data_parallel import DataParallel
 from hpctrain.engine.torch.tasks import Classification
-from hpctrain.engine.torch.util import autocast_factory, nonfinite, to_device
+from hpctrain.engine.torch.util import autocast_factory, batches, nonfinite, to_device
 
 
 class Trainer(EngineBase):
@@ -47,7 +48,7 @@ class Trainer(EngineBase):
     # ---- the loop's engine protocol (hpctrain.loop.Engine) -------------------------------------------
     def epoch_batches(self, epoch: int, skip_batches: int):
         self.sampler.set_epoch(epoch, skip_batches=skip_batches)
-        return iter(self.train_loader)
+        return batches(self.train_loader)
 
     def train_step(self, micro_batches) -> torch.Tensor:
         """One optimizer step over the micro-batches. Returns the local [loss x samples, correct,
@@ -72,7 +73,7 @@ class Trainer(EngineBase):
         self.plan.sync_buffers()
         self.model.eval()
         stats = torch.zeros(3, dtype=torch.float64, device=self.device)
-        for batch in self.val_loader:
+        for batch in batches(self.val_loader):
             stats += self.plan.eval_batch(to_device(batch, self.device), self)
             watchdog.beat()
         return self.finish_evaluation(stats)
@@ -99,3 +100,11 @@ class Trainer(EngineBase):
     @staticmethod
     def nonfinite(state: dict) -> str | None:
         return nonfinite(state["model"])
+
+    def shape_mismatch(self, state: dict) -> str | None:
+        theirs = state.get("model")
+        if not isinstance(theirs, dict):
+            return "it holds no model state"
+        return tensor_mismatch({k: tuple(v.shape) for k, v in theirs.items()},
+                               {k: tuple(v.shape) for k, v in self.whole_model().state_dict().items()})
+

@@ -8,6 +8,7 @@ from torch import nn
 
 from hpctrain import preempt
 from hpctrain.config import ConfigError
+from hpctrain.errors import UserError
 
 
 def to_device(batch, device: torch.device):
@@ -31,6 +32,29 @@ def make_loader(source, sampler, workers: int, device: torch.device) -> torch.ut
                                        worker_init_fn=preempt.worker_ignores_foreign_sigterm,
                                        pin_memory=device.type == "cuda", persistent_workers=workers > 0,
                                        prefetch_factor=4 if workers > 0 else None)
+
+
+def batches(loader):
+    """Iterate a DataLoader; a user error raised in a loader worker comes back as our own one-line message
+    (torch re-raises it with the worker's whole traceback folded into the message)."""
+    it = iter(loader)
+    while True:
+        try:
+            batch = next(it)
+        except StopIteration:
+            return
+        except UserError as e:
+            raise type(e)(worker_message(str(e))) from None
+        yield batch
+
+
+def worker_message(text: str) -> str:
+    """'Caught DataError in DataLoader worker process 0.\nOriginal Traceback ...\npkg.DataError: msg' -> 'msg'."""
+    if not text.startswith("Caught ") or "Traceback" not in text:
+        return text
+    last = text.rstrip().splitlines()[-1]
+    name, sep, message = last.partition(": ")
+    return message if sep and " " not in name else last
 
 
 def build_optimizer(model: nn.Module, cfg) -> torch.optim.Optimizer:

@@ -165,8 +165,7 @@ class PipelinePlan:
         for q in parts:
             full.update(q["model"])
         self.full.load_state_dict(full)
-        return {"model": full, "optimizer": None, "scaler": None, "step": trainer.step,
-                "world_size": trainer.cluster.size, "config": self.cfg.to_dict(),
+        return {"model": full, "optimizer": None, "scaler": None, **trainer.checkpoint_meta(),
                 "pipeline": {"plan": self.plan.to_dict(), "optimizers": [q["optimizer"] for q in parts]}}
 
     def restore(self, found, trainer) -> int:

@@ -1,0 +1,213 @@
+"""A run directory holds one run, and nothing of a run is ever dropped. Framework-neutral, stdlib only.
+
+What a run writes under its run_dir: `run.json` (its identity: run id, framework, recipe, model signature,
+the Slurm job that started it, the checkpoint it started from), `checkpoints/`, `metrics.jsonl`, `tb/`, the
+exports (`hf/`, `keras/`), `pipeline_plan.json` and `hang-<rank>.txt`. Rank 0 applies these rules, under the
+run-dir lock, before anything is written:
+
+- A directory holding another run (another framework, recipe or model) is refused with one line naming what
+  differs. `--new-run` moves the run that is there to `archive/run-<id>/` (never deleted) and starts anew.
+- `--resume never` into a directory that holds a run is refused the same way, except when the run there was
+  started by this very Slurm job: a requeued or relaunched job resumes it, whatever its command line says.
+- A resume at step S sets aside what the resumed run trains again: checkpoints above S (also a corrupt newest
+  one) and metrics records after S go to `archive/redone-<time>-after-step-<S>/`. Checkpoint retention then
+  only ever sees this run's checkpoints at or below the step it just saved.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from hpctrain.errors import UserError
+from hpctrain.files import atomic_write, fsync_dir
+
+RUN_FILE = "run.json"
+ARCHIVE = "archive"
+METRICS = "metrics.jsonl"
+# Everything a run writes (besides hang-<rank>.txt), moved whole when the run is archived.
+OUTPUTS = ("checkpoints", METRICS, "tb", "hf", "keras", "pipeline_plan.json")
+_CHECKPOINT = re.compile(r"^ckpt-(\d{8,})(\.[A-Za-z0-9_-]+)+$")
+# How a signature item reads in a message: "10 classes", "arch resnet18".
+_WORDS = {"num_classes": "{} classes", "vocab_size": "vocabulary {}", "seq_len": "sequence length {}"}
+
+
+class RunDirError(UserError):
+    """The run directory holds something this run must not touch (one line, exit 2)."""
+
+
+@dataclass
+class RunRecord:
+    run_id: str
+    framework: str
+    recipe: str
+    signature: dict
+    created: str = ""
+    slurm_job: str | None = None
+    started_from: dict | None = None  # {"path", "run_id", "step"} of a --resume FILE that began this run
+    extra: dict = field(default_factory=dict)  # fields a newer hpctrain added: kept when rewritten
+
+    def identity(self) -> dict:
+        return {"framework": self.framework, "recipe": self.recipe, **self.signature}
+
+    def describe(self) -> str:
+        model = ", ".join(phrase(k, v) for k, v in self.signature.items())
+        return f"run {self.run_id} ({self.framework} {self.recipe}: {model})"
+
+
+def new_record(identity: dict, slurm_job: str | None, started_from: dict | None = None) -> RunRecord:
+    signature = {k: v for k, v in identity.items() if k not in ("framework", "recipe")}
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    return RunRecord(f"{stamp}-{secrets.token_hex(3)}", identity["framework"], identity["recipe"], signature,
+                     time.strftime("%Y-%m-%dT%H:%M:%S%z"), slurm_job, started_from)
+
+
+def phrase(key: str, value) -> str:
+    return _WORDS.get(key, key.replace("_", " ") + " {}").format(value)
+
+
+def difference(ours: dict, theirs: dict) -> str | None:
+    """The first item both identities name and disagree on, as '<theirs>, this run <ours>'."""
+    for key, mine in ours.items():
+        if key in theirs and theirs[key] != mine:
+            return f"{phrase(key, theirs[key])}, this run {phrase(key, mine)}"
+    return None
+
+
+def read_record(run_dir: str | os.PathLike) -> RunRecord | None:
+    path = Path(run_dir) / RUN_FILE
+    try:
+        data = json.loads(path.read_text())
+        known = {k: data.pop(k) for k in ("run_id", "framework", "recipe", "signature", "created", "slurm_job",
+                                          "started_from") if k in data}
+        return RunRecord(**known, extra=data)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, TypeError, AttributeError) as e:
+        raise RunDirError(f"run dir {path.parent}: {path.name} is not a run record ({type(e).__name__}); move it "
+                          "away, or use another --run-dir") from None
+
+
+def write_record(run_dir: str | os.PathLike, record: RunRecord) -> None:
+    data = {**record.extra, **{k: v for k, v in asdict(record).items() if k != "extra"}}
+    atomic_write(Path(run_dir) / RUN_FILE, lambda f: f.write((json.dumps(data, indent=1) + "\n").encode()))
+
+
+def checkpoint_files(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
+    """(step, path) of every complete checkpoint, of any engine's suffix, newest first."""
+    d = Path(run_dir) / "checkpoints"
+    if not d.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in d.iterdir()
+             if (m := _CHECKPOINT.match(p.name)) and not p.name.endswith(".sha256")]
+    return sorted(found, reverse=True)
+
+
+def holds_run(run_dir: str | os.PathLike) -> bool:
+    d = Path(run_dir)
+    metrics = d / METRICS
+    return ((d / RUN_FILE).exists() or bool(checkpoint_files(d))
+            or (metrics.is_file() and metrics.stat().st_size > 0))
+
+
+def what_is_there(run_dir: str | os.PathLike, record: RunRecord | None) -> str:
+    ckpts = checkpoint_files(run_dir)
+    newest = f"newest checkpoint {ckpts[0][1].name}" if ckpts else "no checkpoint"
+    return f"{record.describe() if record else 'a run without a run.json'}, {newest}"
+
+
+@dataclass
+class Opened:
+    """Rank 0's view of the run directory after the start-up rules: the run there (None: a new run) and the
+    resume mode to apply (the flag's, or 'auto' for this Slurm job's own run)."""
+    record: RunRecord | None
+    resume: str
+
+
+def open_run(run_dir: str | os.PathLike, identity: dict, resume: str, new_run: bool, slurm_job: str | None,
+             log: Callable[[str], object]) -> Opened:
+    """The start-up rules (see the module docstring) for the parts of the identity known from the config."""
+    d = Path(run_dir)
+    if not holds_run(d):
+        return Opened(None, resume)
+    record = read_record(d)
+    if record is not None and slurm_job and record.slurm_job == slurm_job and (new_run or resume != "auto"):
+        if checkpoint_files(d):
+            log(f"run dir {d} holds {record.describe()}, started by this Slurm job {slurm_job}: resuming it "
+                "(a requeue or relaunch of the job)")
+            return Opened(record, "auto")
+        return Opened(record, resume)
+    if new_run:
+        where = archive_run(d, record)
+        log(f"--new-run: moved the earlier run in {d} to {where}")
+        return Opened(None, resume)
+    ways = ways_out(d)
+    if resume == "never":
+        raise RunDirError(f"run dir {d} holds {what_is_there(d, record)}: --resume never would start a new run "
+                          f"over it; {ways}")
+    diff = difference(identity, record.identity()) if record else None
+    if diff:
+        raise RunDirError(f"run dir {d} holds another run ({diff}): {ways}")
+    return Opened(record, resume)
+
+
+def ways_out(run_dir: str | os.PathLike) -> str:
+    return f"use another --run-dir, or --new-run to move that run to {Path(run_dir) / ARCHIVE}/run-<id>/"
+
+
+def _move(src: Path, dest_dir: Path) -> None:
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    os.replace(src, dest_dir / src.name)
+
+
+def archive_run(run_dir: Path, record: RunRecord | None) -> Path:
+    """Move every output of the run in `run_dir` to archive/run-<id>/ (renames on one file system; run.json
+    last, so an interrupted archive is finished by the next --new-run into the same folder)."""
+    name = f"run-{record.run_id}" if record else f"run-unrecorded-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
+    dest = run_dir / ARCHIVE / name
+    for p in [*(run_dir / n for n in OUTPUTS), *sorted(run_dir.glob("hang-*.txt")), run_dir / RUN_FILE]:
+        if p.exists():
+            _move(p, dest)
+    fsync_dir(run_dir)
+    return dest
+
+
+def set_aside_redone(run_dir: str | os.PathLike, step: int) -> tuple[Path | None, list[str], int]:
+    """What a run resumed at `step` trains again: checkpoints above it and metrics records after it (and a torn
+    last line), moved to archive/redone-<time>-after-step-<step>/. Returns (that folder or None, the checkpoint
+    names, the number of records)."""
+    d = Path(run_dir)
+    dest = d / ARCHIVE / f"redone-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-after-step-{step}"
+    names = []
+    for s, path in checkpoint_files(d):
+        if s > step:
+            for p in (path, path.with_name(path.name + ".sha256")):
+                if p.exists():
+                    _move(p, dest / "checkpoints")
+            names.append(path.name)
+    records = _split_metrics(d / METRICS, step, dest / METRICS)
+    return (dest if names or records else None), names, records
+
+
+def _split_metrics(path: Path, step: int, aside: Path) -> int:
+    if not path.is_file():
+        return 0
+    keep, later = [], []
+    for line in path.read_text().splitlines():
+        try:
+            (keep if json.loads(line)["step"] <= step else later).append(line)
+        except (ValueError, KeyError, TypeError):
+            later.append(line)  # a torn line of a killed writer
+    if later:
+        aside.parent.mkdir(parents=True, exist_ok=True)
+        with open(aside, "a") as f:  # first the side file, durably; then the shortened original
+            f.write("".join(x + "\n" for x in later))
+            f.flush()
+            os.fsync(f.fileno())
+        atomic_write(path, lambda f: f.write("".join(x + "\n" for x in keep).encode()))
+    return len(later)
