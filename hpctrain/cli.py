@@ -14,7 +14,7 @@ import json
 import os
 import sys
 import time
-from hpctrain import engine, preempt, recipes, runlock, watchdog
+from hpctrain import engine, preempt, recipes, rundir, runlock, watchdog
 from hpctrain.cluster import ClusterEnv, detect
 from hpctrain.config import parse
 from hpctrain.errors import EXIT_PREEMPTED, ExitError
@@ -45,6 +45,7 @@ def report_error(prog: str, error: ExitError, rank: int | None) -> int:
         print(f"{prog}: error (rank {rank}): {error}", file=sys.stderr, flush=True)
         return error.exit_code
     print(f"{prog}: error: {error}", file=sys.stderr, flush=True)
+    rundir.update_status(state="failed", exit_code=error.exit_code, reason=str(error))
     sys.stdout.flush()
     # Not a normal interpreter exit: Open MPI's MPI_Finalize (run at exit by mpi4py or Horovod) waits
     # for the other ranks, which are waiting out their grace period, and they would then print too.
@@ -82,16 +83,21 @@ def main(recipe_name: str, argv: list[str] | None = None) -> int:
         return code
     except ExitError as e:
         return report_error(prog, e, rank)
+    except BaseException as e:  # a crash (exit 1, its traceback follows): the run's status says so
+        rundir.update_status(state="failed", exit_code=1, reason=f"{type(e).__name__}: {e}".splitlines()[0])
+        raise
 
 
 def report(prog: str, cluster: ClusterEnv, step: int, result: dict) -> int:
     """Rank 0 reports the outcome; a preempted run exits with EXIT_PREEMPTED so the batch script knows
     to requeue (the checkpoint is on disk: every rank learnt that from the save's collective)."""
     if "stopped_by_signal" in result:
+        rundir.update_status(state="stopped", step=step, exit_code=EXIT_PREEMPTED, reason=result["stopped_by_signal"])
         if cluster.rank == 0:
             print(f"{prog}: stopped at step {step} on {result['stopped_by_signal']}, checkpoint saved: exit "
                   f"{EXIT_PREEMPTED} (requeue or rerun the same command to resume)", flush=True)
         return EXIT_PREEMPTED
+    rundir.update_status(state="done", step=step, exit_code=0, reason=None)
     if cluster.rank == 0:
         print(f"{prog}: done at step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in result.items()
                                                             if isinstance(v, float)), flush=True)

@@ -35,6 +35,7 @@ class Engine(Protocol):
     def save(self) -> None: ...
     def evaluate(self) -> dict: ...
     def log(self, message: str) -> None: ...
+    def progress(self, step: int) -> None: ...                # the last step trained, for the run's status
 
 
 def train(engine: Engine, cfg: RunConfig, rank: int, preemption=None) -> dict:
@@ -111,5 +112,6 @@ class Window:
         result = {"loss": loss, "accuracy": correct / n, "lr": e.lr(e.step - 1), "epoch": epoch,
                   "samples_per_s_rank": rates / e.data_size, "samples_per_s_total": rates}
         e.logger.log(e.step, "train", result)
+        e.progress(e.step)
         self.stats, self.steps, self.start = None, 0, time.perf_counter()
         return result

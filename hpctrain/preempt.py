@@ -84,7 +84,8 @@ class Preemption:
             self._job_stopped = False
             return
         if signum == signal.SIGINT and signal.SIGINT in self.received:
-            from hpctrain import runlock  # the second Ctrl-C: leave now, freeing the run dir
+            from hpctrain import rundir, runlock  # the second Ctrl-C: leave now, freeing the run dir
+            rundir.update_status(state="failed", exit_code=EXIT_ABORTED, reason="a second Ctrl-C")
             runlock.release_all()
             os._exit(EXIT_ABORTED)
         if self.signum is None:

@@ -12,6 +12,16 @@ run-dir lock, before anything is written:
 - A resume at step S sets aside what the resumed run trains again: checkpoints above S (also a corrupt newest
   one) and metrics records after S go to `archive/redone-<time>-after-step-<S>/`. Checkpoint retention then
   only ever sees this run's checkpoints at or below the step it just saved.
+
+run.json also holds the run's `status`, kept by rank 0 (atomically, like the identity): what a supervisor
+(`python -m hpctrain.slurm supervise`) reads instead of log lines. Its fields:
+  state            running | done | stopped (an agreed stop on a signal, checkpoint saved) | failed
+  step             the last step trained (updated at every log interval, save and end)
+  checkpoint, checkpoint_step   the newest checkpoint of this run on disk (saved, or resumed from)
+  resumed_at       the step this launch started from
+  exit_code, reason             how the last launch ended (hpctrain's exit codes, hpctrain.errors)
+  launch           {"job", "restart", "step_id", "ranks", "nodes"} of the launch that wrote it last
+  updated          seconds since the epoch
 """
 from __future__ import annotations
 
@@ -30,7 +40,7 @@ from hpctrain.files import atomic_write, fsync_dir
 RUN_FILE = "run.json"
 ARCHIVE = "archive"
 METRICS = "metrics.jsonl"
-# Everything a run writes (besides hang-<rank>.txt), moved whole when the run is archived.
+# Everything a run writes (besides hang-<rank>.txt/.json), moved whole when the run is archived.
 OUTPUTS = ("checkpoints", METRICS, "tb", "hf", "keras", "pipeline_plan.json")
 _CHECKPOINT = re.compile(r"^ckpt-(\d{8,})(\.[A-Za-z0-9_-]+)+$")
 # How a signature item reads in a message: "10 classes", "arch resnet18".
@@ -170,7 +180,7 @@ def archive_run(run_dir: Path, record: RunRecord | None) -> Path:
     last, so an interrupted archive is finished by the next --new-run into the same folder)."""
     name = f"run-{record.run_id}" if record else f"run-unrecorded-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
     dest = run_dir / ARCHIVE / name
-    for p in [*(run_dir / n for n in OUTPUTS), *sorted(run_dir.glob("hang-*.txt")), run_dir / RUN_FILE]:
+    for p in [*(run_dir / n for n in OUTPUTS), *sorted(run_dir.glob("hang-*")), run_dir / RUN_FILE]:
         if p.exists():
             _move(p, dest)
     fsync_dir(run_dir)
@@ -211,3 +221,33 @@ def _split_metrics(path: Path, step: int, aside: Path) -> int:
             os.fsync(f.fileno())
         atomic_write(path, lambda f: f.write("".join(x + "\n" for x in keep).encode()))
     return len(later)
+
+
+_status_dir: Path | None = None  # set once this process keeps the status of the run in it (rank 0)
+
+
+def keep_status(run_dir: str | os.PathLike | None) -> None:
+    global _status_dir
+    _status_dir = Path(run_dir) if run_dir is not None else None
+
+
+def update_status(**fields) -> None:
+    """Merge `fields` into run.json's status, atomically; a no-op on every process but the one that keeps it. A
+    failed write (full disk) is not fatal: the checkpoint write that matters has its own error path."""
+    if _status_dir is None:
+        return
+    path = _status_dir / RUN_FILE
+    try:
+        data = json.loads(path.read_text())
+        data["status"] = {**data.get("status", {}), **fields, "updated": round(time.time(), 3)}
+        atomic_write(path, lambda f: f.write((json.dumps(data, indent=1) + "\n").encode()))
+    except (OSError, ValueError):
+        pass
+
+
+def read_status(run_dir: str | os.PathLike) -> dict:
+    """The status of the run in run_dir ({} when there is none or run.json cannot be read)."""
+    try:
+        return json.loads((Path(run_dir) / RUN_FILE).read_text()).get("status", {})
+    except (OSError, ValueError, AttributeError):
+        return {}

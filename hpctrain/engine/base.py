@@ -184,6 +184,7 @@ class EngineBase:
                                          "written; lower --lr or check the data")
                 path = self.checkpoints.save(self.step, lambda f: self.write_state(state, f))
                 self.log(f"saved checkpoint {path} (step {self.step})")
+                rundir.update_status(step=self.step, checkpoint=path.name, checkpoint_step=self.step)
             except ExitError as e:
                 verdict = (e.exit_code, str(e))
         verdict = self.backend.broadcast_object(verdict)
@@ -281,6 +282,16 @@ class EngineBase:
             record.slurm_job = job
             rundir.write_record(run_dir, record)
         self.run_id = record.run_id
+        c = self.cluster
+        rundir.keep_status(run_dir)
+        rundir.update_status(state="running", step=step, resumed_at=step, exit_code=None, reason=None,
+                             checkpoint=found[0].name if found else None, checkpoint_step=step if found else None,
+                             launch={"job": job, "restart": c.restart_count, "step_id": c.step_id, "ranks": c.size,
+                                     "nodes": c.num_nodes, "launcher": c.launcher})
+
+    def progress(self, step: int) -> None:
+        """The loop reports the last step trained (each log interval): kept in run.json's status."""
+        rundir.update_status(step=step)
 
     def checkpoint_meta(self) -> dict:
         """What every checkpoint carries besides the tensors."""

@@ -1,5 +1,6 @@
 """A frozen rank (SIGSTOP) and a dead rank (kill -9) end the job promptly; a slow but healthy run does not
 trip the hang watchdog. Real launchers, real signals."""
+import json
 import signal
 import subprocess
 import sys
@@ -7,6 +8,7 @@ import time
 
 import pytest
 
+from hpctrain import rundir
 from hpctrain.errors import EXIT_HANG
 from tests.launch import ROOT, check_ok, env, finish, run, signal_ranks, start, trained, wait_for
 
@@ -35,6 +37,10 @@ def test_frozen_rank_fires_the_watchdog_and_ends_the_job(tmp_path, launcher):
     assert report.startswith("hpctrain: rank 0 on node") and "most recent call first" in report
     assert "hpctrain/engine/torch/" in report  # the main thread's stack: where it waits
     assert not (run_dir / "hang-1.txt").exists()  # the frozen rank never blames the others
+    hang = json.loads((run_dir / "hang-0.json").read_text())  # what the Slurm supervisor reads
+    assert hang["rank"] == 0 and hang["node"] and hang["step"] >= 3 and hang["seconds"] >= TIMEOUT
+    status = rundir.read_status(run_dir)
+    assert (status["state"], status["exit_code"]) == ("failed", EXIT_HANG) and "no progress for" in status["reason"]
     print(f"\n{launcher}: SIGSTOP -> job end {ended:.1f} s (hang timeout {TIMEOUT} s)", file=sys.stderr)
 
 

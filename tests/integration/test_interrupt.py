@@ -9,6 +9,7 @@ import time
 import psutil
 import pytest
 
+from hpctrain import rundir
 from tests.integration.test_faults import _verified
 from tests.launch import check_ok, finish, metrics, run, start, trained, wait_for
 
@@ -49,6 +50,9 @@ def test_ctrl_c_saves_and_the_resumed_run_is_exact(tmp_path, launcher, reference
     assert f"stopped at step {stopped} on SIGCONT from the launcher" in out, out[-3000:]
     assert "exit 85 (requeue or rerun the same command to resume)" in out
     assert _verified(d / "checkpoints" / f"ckpt-{stopped:08d}.pt")
+    status = rundir.read_status(d)
+    assert (status["state"], status["exit_code"], status["checkpoint_step"], status["step"]) == \
+        ("stopped", 85, stopped, stopped)
     check_ok(run(launcher, 2, [*COMMON, "--run-dir", str(d)]))
     resumed = {r["step"]: r["loss"] for r in metrics(d, "train")}
     assert sorted(resumed) == list(range(1, 33))  # no step lost or repeated

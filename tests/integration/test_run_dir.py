@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from hpctrain import rundir
 from hpctrain.errors import EXIT_USER_ERROR
 from tests.launch import check_ok, metrics, run
 from tests.unit.test_rundir import snapshot
@@ -39,6 +40,10 @@ def test_fresh_start_is_refused_or_archives_and_a_requeue_resumes_the_new_run(tm
     check_ok(run("mpirun", 2, [*TINY, "--run-dir", str(d), "--checkpoint-every", "2", "--max-steps", "6"]))
     old = outputs(d)
     assert "checkpoints/ckpt-00000006.pt" in old and "run.json" in old
+    status = rundir.read_status(d)  # what a supervisor reads instead of log lines
+    assert {k: status[k] for k in ("state", "step", "checkpoint", "checkpoint_step", "exit_code")} == \
+        {"state": "done", "step": 6, "checkpoint": "ckpt-00000006.pt", "checkpoint_step": 6, "exit_code": 0}
+    assert status["launch"]["ranks"] == 2 and status["resumed_at"] == 0
     # The old code printed "dropped 4 record(s)", saved step 2 and pruned it at once: old run gone, new run lost.
     p = run("mpirun", 2, [*TINY, "--run-dir", str(d), "--resume", "never", "--checkpoint-every", "2", "--max-steps", "2"])
     one_line_error(p, f"run dir {d} holds run", "--resume never would start a new run over it", "--new-run")

@@ -24,7 +24,10 @@ class NumpyEngine:
         self.total_steps = self.steps_per_epoch * epochs
         self.samples_per_step, self.counts_samples, self.data_size = batch * micro, True, 1
         self.has_validation, self.logger, self.base_lr = validation, None, lr
-        self.calls = {"reduce": 0, "save": [], "eval": [], "epochs": [], "agree": 0}
+        self.calls = {"reduce": 0, "save": [], "eval": [], "epochs": [], "agree": 0, "progress": []}
+
+    def progress(self, step):
+        self.calls["progress"].append(step)
 
     def epoch_batches(self, epoch, skip_batches):
         self.calls["epochs"].append((epoch, skip_batches))

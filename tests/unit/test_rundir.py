@@ -154,3 +154,20 @@ def test_phrases():
         "10 classes, this run 5 classes"
     assert rundir.difference({"vocab_size": 300}, {"vocab_size": 8000}) == "vocabulary 8000, this run vocabulary 300"
     assert rundir.difference({"preset": "tiny"}, {"model_path": "/m"}) is None  # nothing both name
+
+
+def test_status_is_kept_by_the_process_that_keeps_it(tmp_path):
+    rundir.write_record(tmp_path, rundir.new_record(TORCH, None))
+    rundir.keep_status(None)
+    rundir.update_status(step=3)  # not kept by this process: nothing written
+    assert rundir.read_status(tmp_path) == {}
+    rundir.keep_status(tmp_path)
+    try:
+        rundir.update_status(state="running", step=3, checkpoint=None)
+        rundir.update_status(step=5, checkpoint="ckpt-00000005.pt", checkpoint_step=5)
+        status = rundir.read_status(tmp_path)
+        assert (status["state"], status["step"], status["checkpoint_step"]) == ("running", 5, 5)
+        assert rundir.read_record(tmp_path).identity() == TORCH  # the identity is untouched
+    finally:
+        rundir.keep_status(None)
+    assert rundir.read_status(tmp_path / "missing") == {}
