@@ -24,13 +24,12 @@ import sys
 import time
 from pathlib import Path
 
-from mpi4py import MPI  # first: MPI belongs to mpi4py, so Horovod can be re-initialised
-
 import numpy as np
 import torch
+from mpi4py import MPI  # first: MPI belongs to mpi4py, so Horovod can be re-initialised
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import parse_bytes, save_results, stats  # noqa: E402
+from benchmarks.common import parse_bytes, save_results, stats
 
 COMM = MPI.COMM_WORLD
 
@@ -66,6 +65,7 @@ def tf_strategy_engine(cluster, port_base: int):
     across the workers. Every rank calls this at the same point (the strategy starts one gRPC server each)."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import tensorflow as tf
+
     from hpctrain.cluster import port_in_use
     from hpctrain.config import DistConfig
     from hpctrain.engine.tf.strategies import MultiWorkerBackend
@@ -152,9 +152,10 @@ def main():
     a = p.parse_args()
 
     import horovod.torch as hvd
-    from hpctrain.engine.torch.backends import build_backend
+
     from hpctrain.cluster import detect
     from hpctrain.config import DistConfig
+    from hpctrain.engine.torch.backends import build_backend
 
     start_env = {k: v for k, v in os.environ.items() if k.startswith("HOROVOD_")}
     cluster = detect()
@@ -165,8 +166,9 @@ def main():
     backend = build_backend(DistConfig(backend="horovod"), cluster, device)
     gloo = False
     if n > 1:
-        from hpctrain.engine.torch.backends.ddp import _rendezvous
         import torch.distributed as dist
+
+        from hpctrain.engine.torch.backends.ddp import _rendezvous
         addr, port = _rendezvous(cluster)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=f"tcp://{addr}:{port}",
                                 rank=rank, world_size=n)

@@ -28,7 +28,7 @@ def stats(values) -> tuple[float, float]:
 def _version(module: str) -> str | None:
     try:
         return __import__(module).__version__
-    except Exception:  # noqa: BLE001 - absent or broken: report as missing
+    except Exception:
         return None
 
 

@@ -20,11 +20,11 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import save_results, stats  # noqa: E402
-from hpctrain.data.images import build_image_sources  # noqa: E402
-from hpctrain.data.sharding import ShardedBatchSampler  # noqa: E402
-from hpctrain.engine.torch import make_loader  # noqa: E402
-from hpctrain.models.resnet import build_resnet  # noqa: E402
+from benchmarks.common import save_results, stats
+from hpctrain.data.images import build_image_sources
+from hpctrain.data.sharding import ShardedBatchSampler
+from hpctrain.engine.torch import make_loader
+from hpctrain.models.resnet import build_resnet
 
 
 def jpeg_tree(root: Path, classes: int = 4, per_class: int = 64) -> Path:

@@ -149,8 +149,9 @@ def block_io(blocks, task, batch):
 
 def partition_balance(label: str, model, task, batch, stages: list[int], a) -> dict:
     import torch
-    from hpctrain.pipeline.partition import partition
+
     from hpctrain.engine.torch.pipeline.profile import combine, profile_blocks
+    from hpctrain.pipeline.partition import partition
     blocks = task.blocks(model)
     names = [n for n, _ in blocks]
     t = time.perf_counter()
@@ -244,9 +245,10 @@ def _sleep_barrier(comm) -> None:
 def worker_pipe(a, result_path: str) -> None:
     import torch
     from mpi4py import MPI
-    from hpctrain.pipeline.partition import partition
+
     from hpctrain.engine.torch.pipeline.profile import combine, profile_blocks
     from hpctrain.engine.torch.pipeline.runtime import Grid, PipelineStage
+    from hpctrain.pipeline.partition import partition
     from hpctrain.pipeline.schedule import simulate
 
     comm = MPI.COMM_WORLD
@@ -406,6 +408,7 @@ def worker_reduce(a, result_path: str, stage_sizes: list[int]) -> None:
     import numpy as np
     import torch
     from mpi4py import MPI  # first: MPI belongs to mpi4py, Horovod initialises on top of it
+
     from hpctrain.engine.torch.pipeline.runtime import Grid, HorovodReducer, MPIReducer
 
     comm = MPI.COMM_WORLD
@@ -429,7 +432,7 @@ def worker_reduce(a, result_path: str, stage_sizes: list[int]) -> None:
         red(probe)
         if not torch.allclose(probe, torch.full_like(probe, (grid.replicas + 1) / 2)):
             raise RuntimeError(f"HorovodReducer averaged to {probe[0].item()}, expected {(grid.replicas + 1) / 2}")
-    except Exception as e:  # noqa: BLE001 - recorded in the result, not fatal
+    except Exception as e:
         err = f"{type(e).__name__}: {e}"
     errs = sorted({e for e in comm.allgather(err) if e})
     if errs:

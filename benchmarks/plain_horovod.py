@@ -28,8 +28,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from hpctrain.models.names import BERT_SIZES  # noqa: E402  the size table only
-from hpctrain.models.resnet import build_resnet  # noqa: E402  the architecture only
+from hpctrain.models.names import BERT_SIZES
+from hpctrain.models.resnet import build_resnet
 
 p = argparse.ArgumentParser()
 p.add_argument("--model", choices=["resnet", "bert"], default="resnet")

@@ -177,6 +177,7 @@ class BuiltinCorpus:
     def subset(self, k: int) -> str:
         if k not in self.subsets:
             import numpy as np
+
             from hpctrain.data.text import TokenShards
             from hpctrain.files import sha256_file
             src = TokenShards(str(self.cache))

@@ -18,8 +18,9 @@ import os
 import re
 import tempfile
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import BinaryIO, Callable, TypeVar
+from typing import BinaryIO, TypeVar
 
 from hpctrain.errors import CheckpointSaveError, UserError
 from hpctrain.files import atomic_write, fsync_dir, sha256_file
@@ -75,7 +76,7 @@ class CheckpointManager:
         final = self.path_for(step)
         try:
             self._write(final, write)
-        except Exception as e:  # noqa: BLE001 - whatever failed, the run must stop with one clear line
+        except Exception as e:
             good = self.list()
             raise CheckpointSaveError(f"could not write checkpoint {final}: {os_reason(e)}; nothing was replaced, "
                                       f"newest good checkpoint: {good[0].name if good else 'none'}") from e
@@ -145,7 +146,7 @@ class CheckpointManager:
                 continue
             try:
                 return path, self.load(path, read)
-            except Exception as e:  # noqa: BLE001 - any failure to read means "corrupt", say which
+            except Exception as e:
                 bad.append(path.name)
                 self.log(f"checkpoint {path} is corrupt or unreadable ({type(e).__name__}: "
                          f"{str(e).splitlines()[0] if str(e) else ''}); falling back to the previous one")

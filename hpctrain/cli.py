@@ -14,6 +14,7 @@ import json
 import os
 import sys
 import time
+
 from hpctrain import engine, preempt, recipes, rundir, runlock, watchdog
 from hpctrain.cluster import ClusterEnv, detect
 from hpctrain.config import parse

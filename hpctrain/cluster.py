@@ -13,8 +13,8 @@ import os
 import re
 import socket
 import warnings
-from dataclasses import dataclass, asdict
-from typing import Mapping
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
 
 from hpctrain.errors import UserError
 
@@ -239,7 +239,7 @@ def _slurm_task_counts(spec: str) -> list[int]:
     return counts
 
 
-def tf_config(c: "ClusterEnv", port_base: int, env: Mapping[str, str] | None = None,
+def tf_config(c: ClusterEnv, port_base: int, env: Mapping[str, str] | None = None,
               hosts: list[str] | None = None) -> dict:
     """The TF_CONFIG for MultiWorkerMirroredStrategy: the user's own if set (it must describe this launch),
     else one worker per rank at its host and port `port_base + rank` (unique even when several ranks, or

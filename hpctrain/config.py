@@ -294,7 +294,7 @@ def set_value(cfg: TrainConfig, section: str, name: str, value: Any) -> None:
 
 def load_toml(cfg, path: str) -> set[str]:
     """Apply a TOML file; returns the "section.field" keys it set."""
-    SECTIONS = sections(type(cfg))  # noqa: N806 (the sections of this config class)
+    SECTIONS = sections(type(cfg))
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"--config: {path!r} does not exist or is not a file")
@@ -331,7 +331,7 @@ class _OneLineParser(argparse.ArgumentParser):
 
 def build_parser(prog: str, extra=None, config_cls=None) -> argparse.ArgumentParser:
     defaults = extra or (config_cls or TrainConfig)()
-    SECTIONS = sections(type(defaults))  # noqa: N806 (the sections of this config class)
+    SECTIONS = sections(type(defaults))
     p = _OneLineParser(prog=prog, description="Train with Horovod/DDP on any launcher "
                                               "(horovodrun, mpirun, srun, single process).",
                        formatter_class=argparse.HelpFormatter)  # each help text states its default

@@ -84,7 +84,7 @@ class Doctor:
         self.stage = name
         try:
             status, detail, fix = fn()
-        except Exception as e:  # noqa: BLE001 (a diagnostic reports, it does not crash)
+        except Exception as e:
             status, detail, fix = "FAIL", f"{type(e).__name__}: {e}".strip(), error_fix
         self.checks.append(Check(status, name, detail, fix))
 

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Iterator, Protocol
+from collections.abc import Iterator
+from typing import Protocol
 
 from hpctrain import watchdog
 from hpctrain.config import RunConfig

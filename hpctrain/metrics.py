@@ -9,12 +9,11 @@ from __future__ import annotations
 import json
 import math
 import sys
-import types
 import time
+import types
 from pathlib import Path
 
 from tqdm import tqdm
-
 
 
 class Throughput:

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import os
 import signal
-from typing import Callable
+from collections.abc import Callable
 
 from hpctrain.errors import EXIT_ABORTED
 
@@ -98,7 +98,7 @@ class Preemption:
         os.kill(os.getpid(), signal.SIGTSTP)  # stops here; SIGCONT resumes
         signal.signal(signal.SIGTSTP, self._job_control_stop)
 
-    def install(self) -> "Preemption":
+    def install(self) -> Preemption:
         _prepare_workers()
         for s in self.signals:
             self._previous[s] = signal.signal(s, self._handle)
@@ -111,7 +111,7 @@ class Preemption:
             signal.signal(s, handler)
         self._previous.clear()
 
-    def __enter__(self) -> "Preemption":
+    def __enter__(self) -> Preemption:
         return self.install()
 
     def __exit__(self, *exc) -> None:

@@ -30,9 +30,9 @@ import os
 import re
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from hpctrain.errors import UserError
 from hpctrain.files import atomic_write, fsync_dir

@@ -36,9 +36,9 @@ import secrets
 import socket
 import threading
 import time
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
-from typing import Callable
 
 from hpctrain.errors import UserError
 
@@ -48,7 +48,7 @@ ATTEMPTS = 20
 RETRY_SLEEP_S = 0.05  # wait for a lock file that is being written; 20 x 0.05 s bounds that to 1 s
 
 
-_HELD: set["RunLock"] = set()  # locks this process holds, for release_all() on a hard exit
+_HELD: set[RunLock] = set()  # locks this process holds, for release_all() on a hard exit
 
 
 def release_all() -> None:
@@ -145,7 +145,7 @@ class RunLock:
     def held(self) -> bool:
         return self._fd is not None
 
-    def acquire(self) -> "RunLock":
+    def acquire(self) -> RunLock:
         if self.held:
             return self
         try:
@@ -197,7 +197,7 @@ class RunLock:
             os.close(self._fd)
             self._fd = self._token = self._beat = None
 
-    def __enter__(self) -> "RunLock":
+    def __enter__(self) -> RunLock:
         return self.acquire()
 
     def __exit__(self, *exc) -> None:

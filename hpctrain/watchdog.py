@@ -89,7 +89,7 @@ class Watchdog:
             self.last, self.counting = time.monotonic(), False
             self._arm(self.last)
 
-    def start(self) -> "Watchdog":
+    def start(self) -> Watchdog:
         self.phases.append("start-up")  # until the first step boundary
         self._arm(time.monotonic())
         self._thread.start()

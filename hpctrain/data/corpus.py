@@ -11,8 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from hpctrain.files import atomic_write
 from hpctrain.data.text import DataError, Log, prepare
+from hpctrain.files import atomic_write
 
 _SKIP = {"antigravity", "this", "idlelib", "tkinter", "turtle", "turtledemo", "lib2to3", "ensurepip", "venv",
          "pydoc_data", "xxsubtype", "xxlimited", "msilib", "winreg", "winsound", "_msi", "nturl2path", "msvcrt"}

@@ -17,9 +17,9 @@ from __future__ import annotations
 import abc
 import math
 import os
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
-from typing import Callable
 
 import numpy as np
 from PIL import Image

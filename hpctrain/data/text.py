@@ -25,13 +25,13 @@ import json
 import multiprocessing
 import os
 import sys
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Callable, Iterable
 
 import numpy as np
 
-from hpctrain.files import atomic_write, sha256_file
 from hpctrain.errors import UserError
+from hpctrain.files import atomic_write, sha256_file
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 FORMAT_VERSION = 1

@@ -239,7 +239,7 @@ class EngineBase:
             return self.checkpoints.load(path, self.read_state)
         except CheckpointError:
             raise
-        except Exception as e:  # noqa: BLE001 - whatever the reader raised, the file is not ours to load
+        except Exception as e:
             writer = engine_of(path)
             mine = self.cfg.dist.framework
             hint = (f"it was written by the {writer} engine: add --framework {writer}" if writer and writer != mine

@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
-from hpctrain.files import atomic_write
 from hpctrain.errors import UserError
+from hpctrain.files import atomic_write
 
 PARTITION_METHODS = ("time", "params", "uniform")  # also the config's choices (hpctrain.config imports it)
 _GIB = float(1 << 30)

@@ -2,8 +2,8 @@
 to do after training. Framework-neutral: the per-framework parts import their framework lazily."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from hpctrain.config import TrainConfig
 

@@ -198,7 +198,7 @@ def write_labels(d: Definition, root: Path) -> dict:
             dynamic[key] = value.strip()
     (root / ".build-labels").unlink()
     labels = {"org.label-schema.schema-version": "1.0",
-              "org.label-schema.build-date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "org.label-schema.build-date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
               "org.label-schema.usage.singularity.deffile.bootstrap": d.header.get("bootstrap", ""),
               "org.label-schema.usage.singularity.deffile.from": d.header.get("from", ""),
               "org.hpctrain.built-by": "tests/containers/rootfs.py (debootstrap + bubblewrap, not Apptainer)",
@@ -283,7 +283,7 @@ def build(def_path: Path | str, build_args: dict[str, str] | None = None, binds=
                   "total_s": round(time.monotonic() - t0, 1),
                   "horovod_built_from_source": "building Horovod" in log_file.read_text(errors="replace"),
                   "root_bytes": size_bytes(tmp), "labels": labels, "test_output_tail": test_out[-1500:],
-                  "built_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+                  "built_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
         os.rename(tmp, final)
         record_file.write_text(json.dumps(record, indent=2) + "\n")
         _prune(def_path.stem, final)

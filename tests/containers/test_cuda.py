@@ -17,7 +17,7 @@ from tests.containers.deffile import load
 from tests.launch import ROOT
 
 sys.path.insert(0, str(ROOT / "scripts"))
-import lock_select  # noqa: E402  (a script, not a package)
+import lock_select
 
 LOCK = ROOT / "requirements" / "lock.txt"
 # glibc 2.39 (Ubuntu 24.04) runs every manylinux wheel up to manylinux_2_39; the legacy names given too.

@@ -8,7 +8,7 @@ import pytest
 from tests.launch import ROOT
 
 sys.path.insert(0, str(ROOT / "scripts"))
-import lock_select  # noqa: E402  (a script, not a package)
+import lock_select
 
 LOCK = ROOT / "requirements" / "lock.txt"
 BASE_IN = ROOT / "requirements" / "base.in"

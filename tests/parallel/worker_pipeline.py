@@ -17,9 +17,9 @@ from mpi4py import MPI
 from torch import nn
 from torch.nn.functional import cross_entropy
 
-from hpctrain.pipeline.partition import LayerCost, partition
 from hpctrain.engine.torch.pipeline.runtime import Grid, PipelineStage
 from hpctrain.engine.torch.pipeline.step import tied_parameters
+from hpctrain.pipeline.partition import LayerCost, partition
 
 torch.set_default_dtype(torch.float64)
 torch.set_num_threads(1)

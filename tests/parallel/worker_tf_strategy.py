@@ -15,16 +15,16 @@ import tempfile
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
+import keras
+import numpy as np
 
-from hpctrain.cluster import detect  # noqa: E402
-from hpctrain.config import TrainConfig  # noqa: E402
-from hpctrain.data.sharding import ShardedBatchSampler  # noqa: E402
-from hpctrain.engine.tf import BatchStream, Trainer, setup  # noqa: E402
-from hpctrain.models.tf.resnet import Classification, build_resnet  # noqa: E402
-from tests.parallel.table import Table  # noqa: E402
-from tests.parallel.tf_reference import OneDevice, flat  # noqa: E402
+from hpctrain.cluster import detect
+from hpctrain.config import TrainConfig
+from hpctrain.data.sharding import ShardedBatchSampler
+from hpctrain.engine.tf import BatchStream, Trainer, setup
+from hpctrain.models.tf.resnet import Classification, build_resnet
+from tests.parallel.table import Table
+from tests.parallel.tf_reference import OneDevice, flat
 
 BATCH = 4  # per replica
 

@@ -1,8 +1,8 @@
 """The batch template on a real Slurm cluster: 8 nodes end to end, and preemption -> requeue -> resume."""
 import json
+import shutil
 import subprocess
 import sys
-import shutil
 import time
 from pathlib import Path
 

@@ -5,8 +5,18 @@ import warnings
 
 import pytest
 
-from hpctrain.cluster import (ClusterEnv, ClusterError, _slurm_task_counts, detect, expand_hostlist, parse_tf_config,
-                              port_in_use, tf_config, threads_per_rank, visible_gpu_index)
+from hpctrain.cluster import (
+    ClusterEnv,
+    ClusterError,
+    _slurm_task_counts,
+    detect,
+    expand_hostlist,
+    parse_tf_config,
+    port_in_use,
+    tf_config,
+    threads_per_rank,
+    visible_gpu_index,
+)
 
 OMPI = {"OMPI_COMM_WORLD_RANK": "3", "OMPI_COMM_WORLD_SIZE": "8", "OMPI_COMM_WORLD_LOCAL_RANK": "1",
         "OMPI_COMM_WORLD_LOCAL_SIZE": "2", "OMPI_COMM_WORLD_NODE_RANK": "1"}

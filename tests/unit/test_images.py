@@ -10,8 +10,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from hpctrain.data.images import (MEAN, STD, DataError, SHAPE_CLASSES, ShapesSource,
-                                  _random_resized_crop_box, build_image_sources)
+from hpctrain.data.images import (
+    MEAN,
+    SHAPE_CLASSES,
+    STD,
+    DataError,
+    ShapesSource,
+    _random_resized_crop_box,
+    build_image_sources,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 CLASSES = ["dog", "cat", "fish"]  # created unsorted on purpose

@@ -4,8 +4,8 @@ import sys
 
 import pytest
 
-from hpctrain.metrics import MetricsLogger
 from hpctrain.lr_schedule import lr_at, scaled_lr
+from hpctrain.metrics import MetricsLogger
 
 
 def test_linear_scaling_and_warmup():

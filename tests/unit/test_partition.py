@@ -11,9 +11,7 @@ from itertools import combinations
 
 import pytest
 
-from hpctrain.pipeline.partition import (LayerCost, PartitionError, Plan, partition, stage_memory,
-                                         stage_time)
-
+from hpctrain.pipeline.partition import LayerCost, PartitionError, Plan, partition, stage_memory, stage_time
 
 # ---------------------------------------------------------------------------------------------------- helpers
 

@@ -6,8 +6,8 @@ import sys
 
 import pytest
 
-from hpctrain.errors import EXIT_PREEMPTED
 from hpctrain import slurm as helper
+from hpctrain.errors import EXIT_PREEMPTED
 from tests.launch import ROOT, env
 
 TEMPLATE = ROOT / "slurm" / "resnet_8node.sh"

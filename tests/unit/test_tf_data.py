@@ -8,10 +8,9 @@ import torch
 from hpctrain.data.images import build_image_sources
 from hpctrain.data.sharding import ShardedBatchSampler
 from hpctrain.data.text import MLMSource, TokenShards, prepare
-from tests.unit.test_text import write_corpus
-
 from hpctrain.engine.tf.data import BatchStream
 from hpctrain.engine.torch.util import make_loader
+from tests.unit.test_text import write_corpus
 
 
 def samplers(n, rank, contiguous=False):

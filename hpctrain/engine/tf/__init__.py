@@ -13,10 +13,10 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TF C++ INFO/WARNING logs (TF 2.21's absl start-up lines ignore it)
 
-from hpctrain.engine.base import announce, open_data, open_run_dir  # noqa: E402
-from hpctrain.engine.tf.data import BatchStream  # noqa: E402
-from hpctrain.engine.tf.runtime import setup  # noqa: E402
-from hpctrain.engine.tf.trainer import Trainer  # noqa: E402
+from hpctrain.engine.base import announce, open_data, open_run_dir
+from hpctrain.engine.tf.data import BatchStream
+from hpctrain.engine.tf.runtime import setup
+from hpctrain.engine.tf.trainer import Trainer
 
 __all__ = ["BatchStream", "Trainer", "build_trainer", "setup"]
 

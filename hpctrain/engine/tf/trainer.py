@@ -15,8 +15,8 @@ import numpy as np
 import tensorflow as tf
 
 from hpctrain import watchdog
-from hpctrain.config import ConfigError
 from hpctrain.checkpoint import tensor_mismatch
+from hpctrain.config import ConfigError
 from hpctrain.engine.base import EngineBase
 
 

@@ -1,7 +1,6 @@
 """Horovod: ring-allreduce over MPI (or Gloo under horovodrun --gloo), hooked into the optimizer."""
 from __future__ import annotations
 
-
 import horovod.torch as hvd
 import torch
 
