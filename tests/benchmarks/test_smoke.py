@@ -42,8 +42,8 @@ def test_scaling_smoke(tmp_path):
     data = _result(tmp_path, "scaling")
     assert (data["model"], data["arch"]) == ("resnet", "resnet18")
     assert {(r["engine"], r["np"]) for r in data["rows"]} == {
-        (e, n) for e in ("hpctrain_horovod", "hpctrain_mpi", "hpctrain_ddp", "plain_horovod_cycle10ms", "plain_horovod_default",
-                         "ceiling_no_comm") for n in (1, 2)}
+        (e, n) for e in ("hpctrain_horovod", "hpctrain_mpi", "hpctrain_ddp", "plain_horovod_cycle10ms",
+                         "plain_horovod_default", "ceiling_no_comm") for n in (1, 2)}
     for r in data["rows"]:
         assert all(_positive_finite(r[k]) for k in ("samples_per_s_total", "samples_per_s_rank", "efficiency",
                                                     "efficiency_vs_ceiling")), r
@@ -83,8 +83,8 @@ def test_scaling_bert_smoke(tmp_path):
     assert (data["model"], data["preset"], data["seq_len"], data["samples"]) == ("bert", "tiny", 32, "sequences")
     assert data["vocab_size"] == json.loads((tmp_path / "corpus" / "manifest.json").read_text())["vocab_size"]
     assert {(r["engine"], r["np"]) for r in data["rows"]} == {
-        (e, n) for e in ("hpctrain_horovod", "hpctrain_mpi", "hpctrain_ddp", "plain_horovod_cycle10ms", "plain_horovod_default",
-                         "ceiling_no_comm") for n in (1, 2)}
+        (e, n) for e in ("hpctrain_horovod", "hpctrain_mpi", "hpctrain_ddp", "plain_horovod_cycle10ms",
+                         "plain_horovod_default", "ceiling_no_comm") for n in (1, 2)}
     for r in data["rows"]:
         assert all(_positive_finite(r[k]) for k in ("samples_per_s_total", "samples_per_s_rank", "efficiency",
                                                     "efficiency_vs_ceiling")), r
@@ -114,7 +114,7 @@ def test_dataloading_smoke(tmp_path):
 
 def test_pipeline_smoke(tmp_path):
     # --quick: resnet18 + BERT tiny, P in (2, 4), M in (2, 4), one Horovod pass; ~40 s on an idle 2-core box.
-    p = run("single", 1, ["benchmarks/pipeline.py", "--quick", "--out", str(tmp_path)], timeout=300)
+    p = run("single", 1, ["-m", "benchmarks.pipeline", "--quick", "--out", str(tmp_path)], timeout=300)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
     data = json.loads((tmp_path / "pipeline.json").read_text())
     assert data["benchmark"] == "pipeline" and data["machine"]["cores"] >= 1 and data["machine"]["torch"]
