@@ -1,17 +1,18 @@
 #!/usr/bin/env bash
-# Fill the wheelhouse that benchmarks/gpu_check.sh installs from on a GPU machine with NO internet.
-# Run HERE (with internet); the device tool then carries the folder: run with carry [".gpu-check-wheels"].
+# Fill the wheelhouse that benchmarks/gpu_check.py installs from on a GPU machine with NO internet.
+# Run it on a machine with internet, then copy the folder to the GPU machine along with the repository
+# (it is .gpu-check-wheels/ in the repository by default, where gpu_check.py looks for it).
 #
 #   bash scripts/gpu_check_prepare.sh            # -> .gpu-check-wheels/ (git-ignored)
 #   GPU_CHECK_WHEELS=dir              where the wheelhouse goes (default .gpu-check-wheels in the repo)
 #   GPU_CHECK_PY_VERSIONS="3.11 3.12 3.13"   CPython versions to fetch compiled wheels for
-#   GPU_CHECK_WITH_TENSORBOARD=0      leave tensorboard out (gpu_check.sh then runs with --tensorboard false)
+#   GPU_CHECK_WITH_TENSORBOARD=0      leave tensorboard out (gpu_check.py then runs with --tensorboard false)
 #   GPU_CHECK_WITH_MPI4PY=1           add the mpi4py sdist (only useful where the GPU machine has MPI)
 #
 # What goes in, all at the exact versions of requirements/lock.txt, each checked against the lock's
 # sha256 (pip --require-hashes), each fetched with --no-deps (the closure is computed here, from the lock's
 # "# via" lines):
-#   - the Horovod sdist (built there by gpu_check.sh);
+#   - the Horovod sdist (built there by gpu_check.py);
 #   - what hpctrain's PyTorch path and Horovod import at run time, minus what torch itself brings:
 #     transformers, tokenizers, huggingface-hub (+ its needs), tensorboard, tqdm, psutil, pyyaml,
 #     cloudpickle, cffi, packaging, and everything the lock says those need.
@@ -24,11 +25,11 @@
 #     its sdist only builds where MPI headers exist (GPU_CHECK_WITH_MPI4PY=1 adds it anyway).
 #   - TensorFlow and keras-hub: the GPU check runs the PyTorch engine only.
 # Python versions: hpctrain needs Python >= 3.11 (tomllib; setup.cfg python_requires), so 3.10 is not
-# fetched; compiled wheels come for 3.11, 3.12 (what the device machine had, KINDS.md) and 3.13. Most
+# fetched; compiled wheels come for 3.11, 3.12 and 3.13, whichever the GPU machine's Python is. Most
 # compiled packages here ship one abi3 wheel (tokenizers, hf-xet, safetensors, psutil, protobuf), so the
 # extra versions cost little. Pure-python wheels are fetched once.
-# The folder's total must stay well under the device tool's 64 MiB for everything that travels (the repo
-# is ~1.5 MB): the script prints the size and fails above GPU_CHECK_MAX_MB (default 60).
+# The folder is kept small, so that it travels easily with the repository (~1.5 MB) to the GPU machine:
+# the script prints the size and fails above GPU_CHECK_MAX_MB (default 60).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -115,8 +116,8 @@ for v in $PY_VERSIONS; do
   "${PIP[@]}" --only-binary=:all: --implementation cp --python-version "$v" "${platforms[@]}" -r "$tmp/wheels.txt"
 done
 
-say "manifest (dist, version, import name) for gpu_check.sh"
-# One line per package: what gpu_check.sh imports to decide whether the GPU machine already has it.
+say "manifest (dist, version, import name) for gpu_check.py"
+# One line per package: what gpu_check.py imports to decide whether the GPU machine already has it.
 "$PY" - "$W" "$tmp/names.txt" <<'EOF'
 import re, sys, zipfile
 from pathlib import Path
@@ -149,16 +150,16 @@ missing = [n for n in names if norm(n) not in rows]
 if missing:
     sys.exit(f"no wheel downloaded for: {missing}")
 with open(w / "manifest.tsv", "w") as f:
-    f.write("# dist\tversion\timport (written by scripts/gpu_check_prepare.sh; read by benchmarks/gpu_check.sh)\n")
+    f.write("# dist\tversion\timport (written by scripts/gpu_check_prepare.sh; read by benchmarks/gpu_check.py)\n")
     for n in names:
         f.write("\t".join(rows[norm(n)]) + "\n")
 EOF
 
 say "size"
 mb=$(du -sm "$W" | cut -f1)
-echo "   $W: $(find "$W" -maxdepth 1 -type f | wc -l) files, $(du -sh "$W" | cut -f1) (limit ${MAX_MB} MB; the device tool carries 64 MiB in all)"
+echo "   $W: $(find "$W" -maxdepth 1 -type f | wc -l) files, $(du -sh "$W" | cut -f1) (limit ${MAX_MB} MB)"
 if [ "$mb" -gt "$MAX_MB" ]; then
   echo "gpu_check_prepare.sh: $W is $mb MB, over $MAX_MB: rerun with GPU_CHECK_WITH_TENSORBOARD=0 or fewer GPU_CHECK_PY_VERSIONS" >&2
   exit 1
 fi
-echo "== prepare: done. On the device: run with carry [\".gpu-check-wheels\"] and command 'bash benchmarks/gpu_check.sh'"
+echo "== prepare: done. Copy the repository with $W to the GPU machine and run 'python3 benchmarks/gpu_check.py' there"
