@@ -5,7 +5,8 @@
 
 algbw = bytes / time; busbw = algbw x 2(n-1)/n (nccl-tests' definition: the traffic each link
 carries in a ring). Each point: warm-up, then repeats of a timed loop; mean +/- 1.96 sd over repeats,
-per rank and over all ranks; engines alternate within each repeat. Horovod variants (cycle time, fusion threshold, fp16 compression) need
+per rank and over all ranks; engines alternate within each repeat. Horovod variants (cycle time, fusion threshold,
+fp16 compression) need
 a fresh hvd.init, which works because mpi4py owns MPI (Horovod then leaves it initialised on shutdown).
 
 --tf-strategy adds `tf_multiworker_ring`: the collective of hpctrain's TF `--backend multiworker`

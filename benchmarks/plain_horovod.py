@@ -2,7 +2,8 @@
 as in Horovod's own pytorch_synthetic_benchmark.py. Same model code, no hpctrain machinery.
 
     mpirun -np 2 python benchmarks/plain_horovod.py --arch resnet18 --batch-size 32 --steps 12
-    horovodrun -np 1 python benchmarks/plain_horovod.py --device cuda --amp fp16 --arch resnet50 --image-size 224 --batch-size 256
+    horovodrun -np 1 python benchmarks/plain_horovod.py --device cuda --amp fp16 --arch resnet50 \
+        --image-size 224 --batch-size 256
     mpirun -np 2 python benchmarks/plain_horovod.py --model bert --bert-preset tiny --seq-len 128 --vocab-size 7738
 Prints one JSON line (rank 0): samples/s per rank and in total, after 2 warm-up steps (BERT: a sample is
 one sequence).

@@ -1,9 +1,9 @@
 """What every entry point shares: the run from parsed flags to exit code, and the one-line error path.
 
     detect the launcher -> parse the config (the recipe's) -> announce -> preemption handler -> hang
-    watchdog -> the engine of --framework builds a resumed trainer from the recipe -> train -> the
-    recipe's after-train hook -> report -> close (every rank waits for rank 0) -> exit 0, or 85 after
-    an agreed stop
+    watchdog -> build a resumed trainer (hpctrain.engine.build: the engine of --framework, the recipe) ->
+    hpctrain.loop.train(trainer) -> the recipe's after-train hook -> report -> close (every rank waits for
+    rank 0) -> exit 0, or 85 after an agreed stop
 
 Any `ExitError` (bad input: exit 2; failed checkpoint save: 87; non-finite loss: 88) becomes one
 line on stderr, printed by rank 0 only (see `report_error`).
@@ -15,9 +15,10 @@ import os
 import sys
 import time
 
-from hpctrain import engine, preempt, recipes, rundir, runlock, watchdog
+from hpctrain import loop, preempt, recipes, rundir, runlock, watchdog
 from hpctrain.cluster import ClusterEnv, detect
 from hpctrain.config import parse
+from hpctrain.engine.build import build_trainer
 from hpctrain.errors import EXIT_PREEMPTED, ExitError
 
 # How long a non-zero rank that hit an error waits for rank 0 to report it and for the launcher to
@@ -68,9 +69,9 @@ def main(recipe_name: str, argv: list[str] | None = None) -> int:
             print(f"{prog}: config {json.dumps(cfg.to_dict(), sort_keys=True)}")
         preemption = preempt.Preemption().install()  # from here SIGUSR1/SIGTERM only set a flag
         watchdog.start(cfg.run.hang_timeout, cfg.run.run_dir, cluster.rank, cluster.node_name)
-        trainer = engine.load(cfg.dist.framework).build_trainer(recipe, cfg, cluster)
+        trainer = build_trainer(recipe, cfg, cluster)
         try:
-            result = trainer.train(preemption)
+            result = loop.train(trainer, cfg.run, cluster.rank, preemption)
             with watchdog.phase("finish"):
                 if trainer.after_train is not None and "stopped_by_signal" not in result:
                     trainer.after_train(trainer, cfg)

@@ -14,7 +14,7 @@ import re
 import socket
 import warnings
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 from hpctrain.errors import UserError
 
@@ -40,15 +40,8 @@ class ClusterEnv:
     step_id: int | None = None  # Slurm job step: a relaunch in the same allocation gets a new one
 
     @property
-    def is_root(self) -> bool:
-        return self.rank == 0
-
-    @property
     def num_nodes(self) -> int:
         return max(1, self.size // max(1, self.local_size))
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 def _int(env: Mapping[str, str], *names: str) -> int | None:
@@ -64,15 +57,9 @@ def _int(env: Mapping[str, str], *names: str) -> int | None:
 
 
 def _first_slurm_host(nodelist: str | None) -> str | None:
-    """First host of a Slurm nodelist like 'gpu[003-010,12],login1' -> 'gpu003'."""
-    if not nodelist:
-        return None
-    head = nodelist.split(",")[0]
-    if "[" in head:
-        prefix, rest = head.split("[", 1)
-        first = rest.split("-")[0].split(",")[0].rstrip("]")
-        return prefix + first
-    return head
+    """First host of a Slurm nodelist like 'gpu[003-010,12]-ib,login1' -> 'gpu003-ib'."""
+    hosts = expand_hostlist(nodelist) if nodelist else []
+    return hosts[0] if hosts else None
 
 
 def _detect_horovod_gloo(env):
@@ -178,12 +165,13 @@ def parse_tf_config(text: str) -> tuple[list[str], int]:
         conf = json.loads(text)
     except ValueError as e:
         raise bad(f"not JSON: {e}") from None
-    if not isinstance(conf, dict) or not isinstance(conf.get("cluster"), dict) or not isinstance(conf.get("task"), dict):
+    if not (isinstance(conf, dict) and isinstance(conf.get("cluster"), dict) and isinstance(conf.get("task"), dict)):
         raise bad("needs a 'cluster' object and a 'task' object")
     cluster, task = conf["cluster"], conf["task"]
     unknown = set(cluster) - {"chief", "worker"}
     if unknown:
-        raise bad(f"cluster has job(s) {sorted(unknown)}; only 'chief' and 'worker' are used by MultiWorkerMirroredStrategy")
+        raise bad(f"cluster has job(s) {sorted(unknown)}; only 'chief' and 'worker' are used by "
+                  "MultiWorkerMirroredStrategy")
     jobs = {job: cluster.get(job, []) for job in ("chief", "worker")}
     for job, addresses in jobs.items():
         if not isinstance(addresses, list) or not all(isinstance(a, str) and re.fullmatch(r"[^:\s]+:\d+", a)
@@ -214,17 +202,13 @@ def _detect_tf_config(env):
 
 
 def expand_hostlist(nodelist: str) -> list[str]:
-    """A Slurm node list -> host names: 'gpu[003-005,12],login1' -> gpu003 gpu004 gpu005 gpu12 login1."""
-    hosts: list[str] = []
-    for prefix, ranges, suffix in re.findall(r"([^,\[]+)(?:\[([^\]]*)\])?([^,\[]*)", nodelist):
-        if not ranges:
-            hosts.append(prefix + suffix)
-            continue
-        for part in ranges.split(","):
-            lo, _, hi = part.partition("-")
-            width = len(lo)
-            hosts += [f"{prefix}{i:0{width}d}{suffix}" for i in range(int(lo), int(hi or lo) + 1)]
-    return hosts
+    """A Slurm node list -> host names, as Slurm expands it (python-hostlist): 'gpu[003-005,12],rack[1-2]-n[1-2]'
+    -> gpu003 gpu004 gpu005 gpu12 rack1-n1 rack1-n2 rack2-n1 rack2-n2. A malformed list is a ClusterError."""
+    import hostlist
+    try:
+        return hostlist.expand_hostlist(nodelist)
+    except hostlist.BadHostlist as e:
+        raise ClusterError(f"Slurm node list {nodelist!r} cannot be expanded ({e})") from None
 
 
 def _slurm_task_counts(spec: str) -> list[int]:

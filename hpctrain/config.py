@@ -18,12 +18,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, get_type_hints
 
-from hpctrain.data.images import DATASETS
-from hpctrain.engine import ALL_BACKENDS, BACKENDS, COLLECTIVES, FRAMEWORKS
+from hpctrain import choices as C
 from hpctrain.errors import UserError
-from hpctrain.lr_schedule import SCALINGS
-from hpctrain.models.names import BERT_PRESETS, RESNET_ARCHS
-from hpctrain.pipeline.partition import PARTITION_METHODS
 
 
 class ConfigError(UserError, ValueError):
@@ -53,7 +49,7 @@ class RunConfig:
     new_run: bool = opt(False, "start a new run in run_dir: a run already there is moved to run_dir/archive/run-<id>/ "
                                "(never deleted; a requeue of the Slurm job that started the run resumes it instead)")
     progress: str = opt("auto", "progress bar on rank 0: auto (only on a terminal), always, never",
-                        choices=["auto", "always", "never"])
+                        choices=list(C.PROGRESS))
     tensorboard: bool = opt(True, "write TensorBoard event files to run_dir/tb")
     deterministic: bool = opt(False, "use deterministic kernels (slower; exact resume equality)")
     hang_timeout: float = opt(300.0, "seconds without training progress before a rank writes its stacks to "
@@ -66,7 +62,7 @@ class RunConfig:
 @dataclass
 class DataConfig:
     dataset: str = opt("shapes", "shapes (built-in, no download), synthetic, or folder (ImageNet layout)",
-                       choices=["shapes", *(d for d in DATASETS if d != "shapes")])  # the default first
+                       choices=list(C.DATASETS))
     path: str = opt("", "dataset root for --dataset folder: <path>/train/<class>/*.jpg and <path>/val/...")
     image_size: int = opt(32, "training crop size in pixels", minimum=8, maximum=1024)
     num_classes: int = opt(10, "number of classes (0 = take it from the folder)", minimum=0)
@@ -81,44 +77,46 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     arch: str = opt("resnet18", "network architecture",
-                    choices=list(RESNET_ARCHS))
+                    choices=list(C.RESNET_ARCHS))
     zero_init_residual: bool = opt(False, "zero-init the last BN of each residual block (Goyal et al.)")
 
 
 @dataclass
 class OptimConfig:
-    optimizer: str = opt("sgd", "optimizer", choices=["sgd", "adamw"])
+    optimizer: str = opt("sgd", "optimizer", choices=list(C.OPTIMIZERS))
     lr: float = opt(0.1, "base learning rate for one rank; scaled by --lr-scaling", minimum=0.0)
     momentum: float = opt(0.9, "SGD momentum", minimum=0.0, maximum=1.0)
     weight_decay: float = opt(5e-5, "weight decay", minimum=0.0)
     lr_scaling: str = opt("linear", "linear = lr x replicas (Goyal et al., SGD), sqrt = lr x sqrt(replicas) (Adam-type "
-                                    "optimizers), none = keep lr", choices=list(SCALINGS))
+                                    "optimizers), none = keep lr", choices=list(C.LR_SCALINGS))
     warmup_epochs: float = opt(1.0, "linear warm-up to the scaled lr over this many epochs", minimum=0.0)
     warmup_ratio: float = opt(0.0, "warm-up over this fraction of the run's steps instead of --warmup-epochs "
                                    "(BERT's recipe; 0 = use --warmup-epochs)", minimum=0.0, maximum=1.0)
     warmup_from: str = opt("base", "where the warm-up starts: base (the unscaled lr, Goyal et al.) or zero",
-                           choices=["base", "zero"])
+                           choices=list(C.WARMUP_STARTS))
     schedule: str = opt("cosine", "decay after warm-up (poly: linear decay to 0 at the last step, BERT's recipe)",
-                        choices=["cosine", "step", "constant", "poly"], flag="--lr-schedule")
+                        choices=list(C.LR_SCHEDULES), flag="--lr-schedule")
     label_smoothing: float = opt(0.0, "label smoothing for the cross-entropy loss", minimum=0.0, maximum=1.0)
 
 
 @dataclass
 class DistConfig:
-    framework: str = opt("torch", "training framework: torch (PyTorch engine) or tf (TensorFlow/Keras 3 engine)", choices=list(FRAMEWORKS))
+    framework: str = opt("torch", "training framework: torch (PyTorch engine) or tf (TensorFlow/Keras 3 engine)",
+                         choices=list(C.FRAMEWORKS))
     backend: str = opt("horovod", "how gradients are combined: horovod (ring-allreduce over MPI/Gloo), "
-                                  "ddp (torch.distributed), mpi (--framework torch on CPU: one mpi4py Allreduce of the fused "
-                                  "gradients per step), none (single process); --framework tf also: multiworker "
-                                  "(tf.distribute MultiWorkerMirroredStrategy, any launcher or TF_CONFIG), mirrored "
+                                  "ddp (torch.distributed), mpi (--framework torch on CPU: one mpi4py Allreduce of "
+                                  "the fused gradients per step), none (single process); --framework tf also: "
+                                  "multiworker (tf.distribute MultiWorkerMirroredStrategy, any launcher or TF_CONFIG), "
+                                  "mirrored "
                                   "(MirroredStrategy: one process, its local devices)",
-                       choices=list(ALL_BACKENDS))
+                       choices=list(C.ALL_BACKENDS))
     fp16_allreduce: bool = opt(False, "compress gradients to fp16 for the allreduce (Horovod)")
     adasum: bool = opt(False, "combine gradients with Adasum instead of averaging (Horovod)")
     accumulate: int = opt(1, "backward passes per optimizer step (gradient accumulation)", minimum=1)
     amp: str = opt("none", "mixed precision: none, bf16 (CPU or GPU), fp16 (GPU, with loss scaling)",
-                   choices=["none", "bf16", "fp16"])
+                   choices=list(C.AMP))
     device: str = opt("auto", "auto (GPU by local rank if available, else CPU), cpu, cuda",
-                      choices=["auto", "cpu", "cuda"])
+                      choices=list(C.DEVICES))
     hvd_cycle_time_ms: float = opt(0.0, "Horovod negotiation cycle in ms (0 = 10 on CPU, Horovod's own on GPU; "
                                         "its 1 ms default halved CPU throughput with ranks filling the cores)",
                                    minimum=0.0)
@@ -127,7 +125,7 @@ class DistConfig:
     jit_compile: bool = opt(False, "--framework tf: compile the train and eval steps with XLA")
     collective: str = opt("auto", "--backend multiworker/mirrored: how replicas reduce: ring (gRPC, CPU), nccl "
                                   "(GPU), auto (nccl when the workers have GPUs, else ring)",
-                          choices=list(COLLECTIVES))
+                          choices=list(C.COLLECTIVES))
     port_base: int = opt(23456, "--backend multiworker: worker k listens on port_base + k (TF_CONFIG built from the "
                                 "launcher; a TF_CONFIG set by the user wins)", minimum=1024, maximum=65535)
     cpu_devices: int = opt(1, "--backend mirrored on CPU: split the CPU into this many logical devices, one replica "
@@ -141,13 +139,14 @@ class PipelineConfig:
     micro_batches: int = opt(4, "micro-batches (each of --batch-size) per step and replica; at least P",
                              flag="--micro-batches", minimum=1)
     schedule: str = opt("1f1b", "1f1b (one forward one backward: at most P activations held per stage) or gpipe "
-                                "(all forwards, then all backwards: M held)", choices=["1f1b", "gpipe"],
+                                "(all forwards, then all backwards: M held)", choices=list(C.PIPELINE_SCHEDULES),
                         flag="--schedule")
     partition: str = opt("time", "how blocks are split into stages: time (measured forward+backward, balanced "
                                  "exactly), params (equal parameter bytes, DeepSpeed's default), uniform (equal "
                                  "block counts), or a plan .json file", flag="--partition")
     allreduce: str = opt("mpi", "how a stage's gradients are averaged over its replicas: mpi (mpi4py Allreduce on "
-                                "one fused buffer) or horovod (Horovod process sets)", choices=["mpi", "horovod"],
+                                "one fused buffer) or horovod (Horovod process sets)",
+                         choices=list(C.PIPELINE_ALLREDUCE),
                          flag="--pipeline-allreduce")
     stage_memory_gb: float = opt(0.0, "per-stage memory cap (GiB) the partition must respect: parameters x 4 "
                                       "(weights, grads, Adam) + held activations (0 = no cap)",
@@ -157,9 +156,6 @@ class PipelineConfig:
     profile_repeats: int = opt(3, "timed repeats per block when profiling (median; after one warm-up)",
                                flag="--profile-repeats", minimum=1)
 
-
-SECTIONS = {"run": RunConfig, "data": DataConfig, "model": ModelConfig, "optim": OptimConfig,
-            "dist": DistConfig, "pipeline": PipelineConfig}
 
 
 @dataclass
@@ -182,7 +178,7 @@ class TextDataConfig:
 @dataclass
 class BertModelConfig:
     preset: str = opt("tiny", "BERT size (random init): tiny 2x128, mini 4x256, base 12x768, large 24x1024",
-                      choices=list(BERT_PRESETS))
+                      choices=list(C.BERT_PRESETS))
     model_path: str = opt("", "local Hugging Face model directory to start from instead of a preset "
                               "(loaded offline; its vocab must match the corpus)")
     dropout: float = opt(0.1, "hidden and attention dropout (random-init presets)", minimum=0.0, maximum=0.9)
@@ -192,25 +188,23 @@ class _Dictable:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), sort_keys=True)
-
 
 @dataclass
 class BertOptimConfig(OptimConfig):
     """BERT's own defaults: AdamW, a warm-up from zero over the first 10% of the steps, then linear decay, and
     the learning rate scaled by sqrt(replicas), which stays stable from 1 to 64 ranks on the built-in corpus."""
-    optimizer: str = opt("adamw", "optimizer", choices=["sgd", "adamw"])
+    optimizer: str = opt("adamw", "optimizer", choices=list(C.OPTIMIZERS))
     lr: float = opt(5e-4, "base learning rate for one replica; scaled by --lr-scaling", minimum=0.0)
     weight_decay: float = opt(0.01, "weight decay", minimum=0.0)
     lr_scaling: str = opt("sqrt", "linear = lr x replicas, sqrt = lr x sqrt(replicas) (Adam-type optimizers), "
-                                  "none = keep lr", choices=list(SCALINGS))
+                                  "none = keep lr", choices=list(C.LR_SCALINGS))
     warmup_epochs: float = opt(0.0, "warm-up over this many epochs (used when --warmup-ratio is 0)", minimum=0.0)
     warmup_ratio: float = opt(0.1, "warm-up over this fraction of the run's steps (0 = use --warmup-epochs)",
                               minimum=0.0, maximum=1.0)
-    warmup_from: str = opt("zero", "where the warm-up starts: zero or base (the unscaled lr)", choices=["base", "zero"])
+    warmup_from: str = opt("zero", "where the warm-up starts: zero or base (the unscaled lr)",
+                           choices=list(C.WARMUP_STARTS))
     schedule: str = opt("poly", "decay after warm-up (poly: linear decay to 0 at the last step, BERT's recipe)",
-                        choices=["cosine", "step", "constant", "poly"], flag="--lr-schedule")
+                        choices=list(C.LR_SCHEDULES), flag="--lr-schedule")
 
 
 @dataclass
@@ -376,9 +370,9 @@ def parse(argv: list[str] | None, prog: str, config_cls=None):
 def validate(cfg) -> None:
     """Checks that span fields."""
     d = cfg.dist
-    if d.backend not in BACKENDS[d.framework]:
+    if d.backend not in C.BACKENDS[d.framework]:
         raise ConfigError(f"dist.backend (--backend): {d.backend!r} is not a backend of the {d.framework} engine "
-                          f"(allowed with --framework {d.framework}: {', '.join(BACKENDS[d.framework])})")
+                          f"(allowed with --framework {d.framework}: {', '.join(C.BACKENDS[d.framework])})")
     if d.framework != "torch" and cfg.pipeline.stages > 1:
         raise ConfigError(f"pipeline.stages (--pipeline-stages): {cfg.pipeline.stages} needs --framework torch "
                           f"(allowed with --framework {d.framework}: 1)")
@@ -400,7 +394,7 @@ def validate(cfg) -> None:
 
 
 def _validate_strategy(d) -> None:
-    strategies = ("multiworker", "mirrored")
+    strategies = C.STRATEGY_BACKENDS
     if d.collective != "auto" and d.backend not in strategies:
         raise ConfigError(f"dist.collective (--collective): {d.collective!r} needs --backend multiworker or mirrored, "
                           f"not {d.backend!r} (allowed with {d.backend!r}: auto)")
@@ -417,9 +411,9 @@ def _validate_strategy(d) -> None:
 
 def _validate_pipeline(cfg) -> None:
     p = cfg.pipeline
-    if p.partition not in PARTITION_METHODS and not Path(p.partition).is_file():
+    if p.partition not in C.PARTITION_METHODS and not Path(p.partition).is_file():
         raise ConfigError(f"pipeline.partition (--partition): {p.partition!r} is neither a method nor a plan file "
-                          f"(allowed: {', '.join(PARTITION_METHODS)}, or the path of a plan .json)")
+                          f"(allowed: {', '.join(C.PARTITION_METHODS)}, or the path of a plan .json)")
     if p.stages == 1:
         return
     if p.micro_batches < p.stages:
@@ -428,6 +422,7 @@ def _validate_pipeline(cfg) -> None:
     d = cfg.dist
     for bad, what in ((d.accumulate > 1, f"dist.accumulate (--accumulate) {d.accumulate}: use --micro-batches"),
                       (d.amp == "fp16", "dist.amp (--amp) fp16: use bf16 (no loss scaling across stages)"),
-                      (d.adasum, "dist.adasum (--adasum)"), (d.fp16_allreduce, "dist.fp16_allreduce (--fp16-allreduce)")):
+                      (d.adasum, "dist.adasum (--adasum)"),
+                      (d.fp16_allreduce, "dist.fp16_allreduce (--fp16-allreduce)")):
         if bad:
             raise ConfigError(f"{what} is not supported with --pipeline-stages {p.stages}")

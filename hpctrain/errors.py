@@ -24,6 +24,10 @@ class UserError(ExitError):
     exit_code = EXIT_USER_ERROR
 
 
+class DataError(UserError, ValueError):
+    """Bad data or a bad data setting (a dataset, a corpus, an image folder); the message names the value or path."""
+
+
 class CheckpointSaveError(ExitError):
     """Rank 0 could not write a checkpoint; every rank raises it after the save's collective."""
     exit_code = EXIT_SAVE_FAILED

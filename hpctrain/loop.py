@@ -24,7 +24,8 @@ class Engine(Protocol):
     micro_batches: int        # batches per optimizer step (accumulation, or pipeline micro-batches)
     samples_per_step: int     # this rank's samples per optimizer step
     counts_samples: bool      # False where another rank of the same replica counts them (pipeline stages)
-    data_size: int            # data-parallel replicas
+    data_size: int            # data-parallel replicas in sync
+    local_replicas: int       # replicas this process feeds (tf.distribute: its devices; else 1)
     has_validation: bool
     logger: MetricsLogger | None  # given by the loop; the engine logs evaluations and messages to it
 
@@ -79,7 +80,9 @@ def train(engine: Engine, cfg: RunConfig, rank: int, preemption=None) -> dict:
         if not saved:
             engine.save()  # end of epoch, a stop at max_steps or on a signal: always resumable from here
         if engine.step % engine.steps_per_epoch == 0:  # also when the stop fell on an epoch's last step
-            engine.logger.log(engine.step, "epoch", {"epoch": epoch, "samples_per_s_rank": rate})
+            # per replica, like the log windows' (a tf.distribute process feeds several replicas)
+            per_replica = rate / engine.local_replicas
+            engine.logger.log(engine.step, "epoch", {"epoch": epoch, "samples_per_s_rank": per_replica})
             if cfg.eval_every_epoch and engine.has_validation:
                 result.update(engine.evaluate())
     if stopped_by is not None:

@@ -31,7 +31,8 @@ from collections.abc import Callable
 from hpctrain.errors import EXIT_ABORTED
 
 SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT, signal.SIGCONT)
-REASONS = {signal.SIGINT: "SIGINT (Ctrl-C)", signal.SIGCONT: "SIGCONT from the launcher (Ctrl-C on mpirun, or the job is ending)"}
+REASONS = {signal.SIGINT: "SIGINT (Ctrl-C)",
+           signal.SIGCONT: "SIGCONT from the launcher (Ctrl-C on mpirun, or the job is ending)"}
 
 
 def agree(local: bool, combine: Callable[[int], float]) -> bool:

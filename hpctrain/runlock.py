@@ -16,7 +16,8 @@ one creator wins. Whether an existing lock is stale is decided from its content 
   written and fsynced through the O_EXCL descriptor.
 - While held, a daemon thread touches the file's mtime every `heartbeat` seconds.
 - A holder with our Slurm job id and a lower (restart count, step id) is the run before a requeue, or the
-  step before a relaunch in the same allocation: it has ended. A holder on this host (same host name and pid namespace) is stale when its pid is not running or now
+  step before a relaunch in the same allocation: it has ended. A holder on this host (same host name and pid
+  namespace) is stale when its pid is not running or now
   belongs to another process. Any other holder is stale when the mtime is older than `stale_after`
   seconds (so node and file-server clocks must agree to well within `stale_after`). An unreadable file
   (its holder died between create and write) is stale once `UNREADABLE_GRACE_S` old; before that it
@@ -207,7 +208,8 @@ class RunLock:
         token = secrets.token_hex(16)
         pid = os.getpid()
         record = {"host": self.host, "pid": pid, "pid_start": process_start_time(pid), "pid_ns": _pid_namespace(),
-                  "job_id": self.job_id, "restart": self.restart, "step": self.step, "token": token, "started": time.time()}
+                  "job_id": self.job_id, "restart": self.restart, "step": self.step, "token": token,
+                  "started": time.time()}
         try:
             data = json.dumps(record).encode()
             while data:
@@ -264,7 +266,8 @@ class RunLock:
         except FileNotFoundError:
             return  # another contender moved it first: start over
         moved_stat, moved_raw = _read(moved)
-        if (moved_stat.st_ino, moved_stat.st_mtime_ns, moved_raw) != (seen_stat.st_ino, seen_stat.st_mtime_ns, seen_raw):
+        moved_id, seen_id = (moved_stat.st_ino, moved_stat.st_mtime_ns), (seen_stat.st_ino, seen_stat.st_mtime_ns)
+        if (moved_id, moved_raw) != (seen_id, seen_raw):
             os.rename(moved, self.path)  # a contender's new lock, not the stale one: put it back
             return
         os.unlink(moved)

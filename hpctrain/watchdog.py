@@ -5,7 +5,8 @@ collective forever, and Horovod's own stall shutdown cannot fire: its inspector 
 background thread, which is itself blocked in the negotiation with the frozen rank. So every rank
 runs a plain thread that watches a heartbeat: the training loop beats at each step boundary, the
 evaluation per batch. When the beats stop for longer than the limit, the rank writes every thread's
-Python stack to `run_dir/hang-<rank>.txt` (and who, where, when to `hang-<rank>.json`), prints one line naming itself, its node and the last
+Python stack to `run_dir/hang-<rank>.txt` (and who, where, when to `hang-<rank>.json`), prints one line naming
+itself, its node and the last
 step, and exits with EXIT_HANG; the launcher then ends the job (a frozen process dies to SIGKILL).
 The frozen rank cannot report the hang, so the batch script blames the nodes whose ranks did not; if
 it is resumed (SIGCONT), it notices the gap in its own clock and says it was stopped instead.
@@ -122,8 +123,9 @@ class Watchdog:
         where = f"during {self.phases[-1]}" if self.phases else f"after step {self.step}"
         line = (f"hpctrain: rank {self.rank} on node {self.node}: no progress for {age:.0f} s {where} "
                 f"(hang timeout {self.limit():.3g} s): stacks in {self.report}; exiting {EXIT_HANG}")
-        record = {"rank": self.rank, "node": self.node, "step": self.step, "phase": self.phases[-1] if self.phases
-                  else None, "seconds": round(age, 1), "limit": self.limit(), "pid": os.getpid(), "time": round(time.time(), 3)}
+        record = {"rank": self.rank, "node": self.node, "step": self.step,
+                  "phase": self.phases[-1] if self.phases else None, "seconds": round(age, 1), "limit": self.limit(),
+                  "pid": os.getpid(), "time": round(time.time(), 3)}
         try:
             self.report.parent.mkdir(parents=True, exist_ok=True)
             with open(self.report, "w") as f:

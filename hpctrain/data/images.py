@@ -24,9 +24,9 @@ from functools import lru_cache
 import numpy as np
 from PIL import Image
 
-from hpctrain.errors import UserError
+from hpctrain.choices import DATASETS
+from hpctrain.errors import DataError
 
-DATASETS = ("synthetic", "shapes", "folder")
 LAYOUTS = ("chw", "hwc")  # channels first (PyTorch) or last (TensorFlow)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 MEAN = np.array([0.485, 0.456, 0.406], np.float32)
@@ -39,10 +39,6 @@ _MAX_SUBSTITUTES = 100  # consecutive undecodable files tolerated before giving 
 _VERIFY_THREADS = 16    # opening files is latency-bound on parallel file systems, not CPU-bound
 
 Log = Callable[[str], object]
-
-
-class DataError(UserError, ValueError):
-    """Bad dataset configuration or bad data on disk; the message names the offending value/path."""
 
 
 def _content_rng(seed: int, split: int, index: int) -> np.random.Generator:

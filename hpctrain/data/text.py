@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hpctrain.errors import UserError
+from hpctrain.errors import DataError
 from hpctrain.files import atomic_write, sha256_file
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
@@ -42,10 +42,6 @@ IGNORE = -100  # label of unmasked positions (PyTorch / Hugging Face convention)
 _MASK_STREAM = 3  # 4th seed word: keeps the masking stream apart from other per-sample streams
 
 Log = Callable[[str], object]
-
-
-class DataError(UserError, ValueError):
-    """Bad text input or a bad prepared corpus; the message names the offending file or value."""
 
 
 # ---- reading raw text ------------------------------------------------------------------------------
@@ -330,7 +326,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="hpctrain.data.text", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     pp = sub.add_parser("prepare", help="raw .txt/.txt.gz -> WordPiece -> token shards + manifest.json")
-    pp.add_argument("--input", nargs="+", required=True, help="text files or directories (searched for *.txt, *.txt.gz)")
+    pp.add_argument("--input", nargs="+", required=True,
+                    help="text files or directories (searched for *.txt, *.txt.gz)")
     pp.add_argument("--output", required=True, help="output directory")
     pp.add_argument("--vocab-size", type=int, default=8000, help="WordPiece vocabulary size when training one")
     pp.add_argument("--seq-len", type=int, default=128, help="tokens per sequence including [CLS] and [SEP]")

@@ -4,6 +4,8 @@ Both frameworks build their models from these tables (hpctrain.models.resnet / .
 hpctrain.models.tf for Keras), so a name exists in both or in neither."""
 from __future__ import annotations
 
+from hpctrain.choices import BERT_PRESETS, RESNET_ARCHS
+
 # Block kind and blocks per stage (torchvision's layout).
 RESNET_BLOCKS = {
     "resnet18": ("basic", (2, 2, 2, 2)),
@@ -18,5 +20,6 @@ BERT_SIZES = {
     "base": (12, 768, 12, 3072),
     "large": (24, 1024, 16, 4096),
 }
-RESNET_ARCHS = tuple(RESNET_BLOCKS)
-BERT_PRESETS = tuple(BERT_SIZES)
+if tuple(RESNET_BLOCKS) != RESNET_ARCHS or tuple(BERT_SIZES) != BERT_PRESETS:
+    raise ImportError("hpctrain.models.names and hpctrain.choices name different models")
+__all__ = ["BERT_PRESETS", "BERT_SIZES", "RESNET_ARCHS", "RESNET_BLOCKS"]

@@ -1,5 +1,5 @@
-"""Tasks: what a batch means to the model. A task is any callable (model, batch) -> (loss, stats),
-stats a float64 tensor [loss x count, correct, count] on the batch's device. BERT's MLM task
+"""Tasks of the torch models: what a batch means to the model. A task is any callable (model, batch) ->
+(loss, stats), stats a float64 tensor [loss x count, correct, count] on the batch's device. BERT's MLM task
 (models/bert.py) counts masked tokens."""
 from __future__ import annotations
 

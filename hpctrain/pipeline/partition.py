@@ -24,10 +24,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from hpctrain.choices import PARTITION_METHODS
 from hpctrain.errors import UserError
 from hpctrain.files import atomic_write
 
-PARTITION_METHODS = ("time", "params", "uniform")  # also the config's choices (hpctrain.config imports it)
 _GIB = float(1 << 30)
 # Float stage times that differ only by summation rounding count as equal, so the documented tie-break (earliest
 # cuts) picks the plan rather than the last ulp. Integer weights (bytes) are compared exactly.

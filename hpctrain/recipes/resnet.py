@@ -26,7 +26,7 @@ class ResNet(Recipe):
         return build_resnet(cfg.model.arch, data.train.num_classes, cfg.model.zero_init_residual)
 
     def torch_task(self, cfg):
-        from hpctrain.engine.torch.tasks import Classification
+        from hpctrain.models.tasks import Classification
         return Classification(cfg.optim.label_smoothing)
 
 

@@ -148,7 +148,8 @@ def write_metadata(d: Definition, text: str, root: Path) -> None:
             f.unlink()
         if not f.exists():
             f.write_text("")
-    for link, target in (("environment", ".singularity.d/env/90-environment.sh"), ("singularity", ".singularity.d/runscript")):
+    for link, target in (("environment", ".singularity.d/env/90-environment.sh"),
+                         ("singularity", ".singularity.d/runscript")):
         if not (root / link).is_symlink():
             (root / link).symlink_to(target)
 

@@ -1,5 +1,6 @@
 """What of hpctrain-cuda.def can be checked without its base image, PyTorch's CUDA index or a GPU: what its
-%post hands to install.sh, and that the lock it installs exists for its Python. The base (Ubuntu 24.04) has Python 3.12, the lock was resolved on 3.11;
+%post hands to install.sh, and that the lock it installs exists for its Python. The base (Ubuntu 24.04) has
+Python 3.12, the lock was resolved on 3.11;
 pip resolves every pinned package for CPython 3.12 on manylinux x86_64 (metadata only, nothing installed) and
 the file it picks must carry one of the lock's hashes. torch is left out (the CUDA build comes from PyTorch's
 index, not reachable here), Horovod and mpi4py too (built from their sdists in the image)."""
@@ -41,7 +42,8 @@ def test_lock_has_a_hashed_wheel_of_every_package_for_the_cuda_images_python(fra
                         "-r", str(req)], capture_output=True, text=True, timeout=600,
                        env={**os.environ, "PIP_CONFIG_FILE": "/dev/null"})
     assert p.returncode == 0, p.stderr[-3000:]
-    got = {lock_select.normalise(i["metadata"]["name"]): i for i in json.loads((tmp_path / "report.json").read_text())["install"]}
+    report = json.loads((tmp_path / "report.json").read_text())
+    got = {lock_select.normalise(i["metadata"]["name"]): i for i in report["install"]}
     assert set(got) == set(wanted), set(wanted) ^ set(got)
     for name, item in got.items():
         url = item["download_info"]["url"]

@@ -64,7 +64,8 @@ def test_standin_refuses_what_it_cannot_do(image, tmp_path):
     sif.write_bytes(b"SIF")
     for args, words in [(["exec", str(sif), "true"], "is not a directory"),
                         (["exec", "--writable", str(image.root), "true"], "option '--writable' is not supported"),
-                        (["exec", "--bind", "/no/such", str(image.root), "true"], "bind source '/no/such' does not exist"),
+                        (["exec", "--bind", "/no/such", str(image.root), "true"],
+                         "bind source '/no/such' does not exist"),
                         (["shell", str(image.root)], "command 'shell' is not supported")]:
         p = subprocess.run([str(STANDIN), *args], capture_output=True, text=True, timeout=30)
         assert p.returncode == 2 and p.stderr.count("\n") == 1 and words in p.stderr, (args, p.stderr)

@@ -99,7 +99,8 @@ def test_diverging_loss_stops_with_one_line_and_saves_nothing(tmp_path):
     errors = [line for line in p.stderr.splitlines() if "error" in line]
     assert len(errors) == 1 and ("loss is" in errors[0] or "not finite" in errors[0]), p.stderr[-2000:]
     assert "Traceback" not in p.stderr
-    for ckpt in (run_dir / "checkpoints").glob("ckpt-*.pt"):  # whatever was saved before the divergence holds finite weights only
+    # whatever was saved before the divergence holds finite weights only
+    for ckpt in (run_dir / "checkpoints").glob("ckpt-*.pt"):
         state = torch.load(ckpt, weights_only=True)["model"]
         assert all(torch.isfinite(t).all() for t in state.values() if t.is_floating_point()), ckpt
 

@@ -91,7 +91,8 @@ print("survived", flush=True)
     # 0.6 s steps: the limit grows to 3 x 0.6 = 1.8 s, so a 1.2 s step is no hang
     ("for s in range(4):\n    time.sleep(0.6); watchdog.beat(s)\ntime.sleep(1.2); watchdog.beat(9)", False),
     # a phase may take 6 x the timeout, and start-up counts as one
-    ("time.sleep(1.0)\nwatchdog.beat(1)\nwith watchdog.phase('checkpoint'):\n    time.sleep(1.5)\nwatchdog.beat(2)", False),
+    ("time.sleep(1.0)\nwatchdog.beat(1)\nwith watchdog.phase('checkpoint'):\n    time.sleep(1.5)\n"
+     "watchdog.beat(2)", False),
     # a phase longer than that fires
     ("watchdog.beat(1)\nwith watchdog.phase('checkpoint'):\n    time.sleep(4)", True),
 ], ids=["silence", "slow-steps", "phases", "phase-too-long"])

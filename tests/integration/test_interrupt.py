@@ -62,8 +62,8 @@ def test_ctrl_c_saves_and_the_resumed_run_is_exact(tmp_path, launcher, reference
 
 def test_a_second_ctrl_c_ends_the_job_at_once_with_no_process_left(tmp_path):
     d = tmp_path / "run"
-    job = start(2, [*COMMON, "--run-dir", str(d), "--epochs", "50"], extra_env={"OMPI_MCA_odls_base_sigkill_timeout": "60"},
-                new_session=True)
+    job = start(2, [*COMMON, "--run-dir", str(d), "--epochs", "50"],
+                extra_env={"OMPI_MCA_odls_base_sigkill_timeout": "60"}, new_session=True)
     assert wait_for(lambda: trained(d, 1), 180), finish(job, 5)[-3000:]
     os.killpg(job.pid, signal.SIGINT)
     time.sleep(0.5)

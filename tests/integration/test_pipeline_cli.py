@@ -24,7 +24,8 @@ def test_resnet_2_stages_x_2_replicas_equals_data_parallel_and_resumes(tmp_path)
     assert len(plan["stages"]) == 2 and plan["stages"][0][0] == 0 and plan["stages"][-1][1] == 10  # 10 blocks
     check_ok(run("mpirun", 2, [*RESNET, "--run-dir", str(dp_dir), "--backend", "horovod", "--accumulate", "2",
                                "--max-steps", "3", "--deterministic"], timeout=300))
-    pipe, dp = _model(pipe_dir / "checkpoints" / "ckpt-00000003.pt"), _model(dp_dir / "checkpoints" / "ckpt-00000003.pt")
+    pipe = _model(pipe_dir / "checkpoints" / "ckpt-00000003.pt")
+    dp = _model(dp_dir / "checkpoints" / "ckpt-00000003.pt")
     assert pipe["model"].keys() == dp["model"].keys()  # the whole model, in torchvision's names
     worst = max(((pipe["model"][k].double() - dp["model"][k].double()).abs().max()
                  / dp["model"][k].double().abs().max().clamp_min(1e-6)).item()

@@ -14,7 +14,8 @@ from hpctrain.errors import EXIT_USER_ERROR
 from tests.launch import check_ok, metrics, run
 from tests.unit.test_rundir import snapshot
 
-TINY = ["-m", "hpctrain.resnet", "--config", "configs/tiny.toml", "--synthetic-size", "128"]  # 8 steps per epoch at np=2
+# 8 steps per epoch at np=2
+TINY = ["-m", "hpctrain.resnet", "--config", "configs/tiny.toml", "--synthetic-size", "128"]
 ERROR_LINE = re.compile(r"error( \(rank \d+\))?: ")
 TF_NOISE = re.compile(r"absl|^[IWE]\d{4} |cuda|oneDNN|tensorflow", re.I | re.M)
 
@@ -45,7 +46,8 @@ def test_fresh_start_is_refused_or_archives_and_a_requeue_resumes_the_new_run(tm
         {"state": "done", "step": 6, "checkpoint": "ckpt-00000006.pt", "checkpoint_step": 6, "exit_code": 0}
     assert status["launch"]["ranks"] == 2 and status["resumed_at"] == 0
     # The old code printed "dropped 4 record(s)", saved step 2 and pruned it at once: old run gone, new run lost.
-    p = run("mpirun", 2, [*TINY, "--run-dir", str(d), "--resume", "never", "--checkpoint-every", "2", "--max-steps", "2"])
+    p = run("mpirun", 2, [*TINY, "--run-dir", str(d), "--resume", "never", "--checkpoint-every", "2",
+                          "--max-steps", "2"])
     one_line_error(p, f"run dir {d} holds run", "--resume never would start a new run over it", "--new-run")
     assert outputs(d) == old
     # --new-run moves the old run aside whole; the Slurm job that starts the new run is noted in its run.json.

@@ -72,8 +72,8 @@ ERRORS = [
 ]
 
 
-@pytest.mark.parametrize("launcher, argv, tf_config, words", ERRORS, ids=[" ".join(e[1]) + (" TF_CONFIG" if e[2] else "")
-                                                                         for e in ERRORS])
+@pytest.mark.parametrize("launcher, argv, tf_config, words", ERRORS,
+                         ids=[" ".join(e[1]) + (" TF_CONFIG" if e[2] else "") for e in ERRORS])
 def test_strategy_errors_are_one_line_exit_2(tmp_path, launcher, argv, tf_config, words):
     sock, port = held_port()
     try:

@@ -41,7 +41,8 @@ def variant(rt, cfg, name, accumulate=1, model="mlp", steps=3):
     with backend.scope():
         if model == "mlp":
             x, y = rng.normal(size=(96, 8)), rng.integers(0, 3, 96)
-            net = keras.Sequential([keras.Input((8,)), keras.layers.Dense(16, activation="tanh"), keras.layers.Dense(3)])
+            net = keras.Sequential([keras.Input((8,)), keras.layers.Dense(16, activation="tanh"),
+                                    keras.layers.Dense(3)])
         else:
             x, y = rng.normal(size=(48, 32, 32, 3)).astype(np.float32), rng.integers(0, 10, 48)
             net = build_resnet("resnet18", 10, 32)

@@ -85,7 +85,8 @@ def main():
     keras.config.set_floatx("float32")
     keras.config.set_dtype_policy("float32")
     results.append(variant(rt, cluster, "resnet18_batchnorm", model="resnet", steps=2))
-    sys.stdout.write(f"OK {cluster.rank} {json.dumps({'size': cluster.size, 'launcher': cluster.launcher, 'results': results})}\n")
+    report = {"size": cluster.size, "launcher": cluster.launcher, "results": results}
+    sys.stdout.write(f"OK {cluster.rank} {json.dumps(report)}\n")
     sys.stdout.flush()
     rt.backend.barrier()
 

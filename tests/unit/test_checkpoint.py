@@ -72,7 +72,7 @@ def test_os_reason_finds_the_os_error_behind_a_serializer_error():
         try:
             raise OSError(errno.ENOSPC, "No space left on device")
         except OSError:
-            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0\nmore")
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0\nmore")  # noqa: B904
     except RuntimeError as e:
         assert os_reason(e) == "No space left on device (ENOSPC)"
     assert os_reason(RuntimeError("first line\nsecond")) == "RuntimeError: first line"

@@ -39,7 +39,7 @@ def tf_conf(task_type="worker", index=0, worker=("a:1", "a:2", "b:1", "b:2"), ch
 def test_openmpi():
     c = detect(OMPI)
     assert (c.launcher, c.rank, c.size, c.local_rank, c.local_size, c.node_rank) == ("openmpi", 3, 8, 1, 2, 1)
-    assert c.num_nodes == 4 and not c.is_root
+    assert c.num_nodes == 4 and c.rank != 0
 
 
 def test_openmpi_node_rank_derived_when_missing():
@@ -76,7 +76,7 @@ def test_openmpi_wins_over_slurm():
 def test_horovod_gloo():
     c = detect(GLOO)
     assert (c.launcher, c.rank, c.size, c.local_rank, c.local_size, c.node_rank) == ("horovod-gloo", 5, 8, 1, 2, 2)
-    assert c.num_nodes == 4 and not c.is_root
+    assert c.num_nodes == 4 and c.rank != 0
     assert c.master_addr is None and c.master_port is None  # the rendezvous server is Horovod's, not ours
 
 
@@ -210,18 +210,18 @@ def test_tf_config_detected_without_a_chief():
     # Four workers, two per host: worker 2 is the first on the second host.
     c = detect({"TF_CONFIG": tf_conf(index=2)})
     assert (c.launcher, c.rank, c.size, c.local_rank, c.local_size, c.node_rank) == ("tf-config", 2, 4, 0, 2, 1)
-    assert c.num_nodes == 2 and not c.is_root
+    assert c.num_nodes == 2 and c.rank != 0
     c = detect({"TF_CONFIG": tf_conf(index=3)})
     assert (c.rank, c.local_rank, c.local_size, c.node_rank) == (3, 1, 2, 1)
     c = detect({"TF_CONFIG": tf_conf(index=0)})
-    assert (c.rank, c.local_rank, c.node_rank) == (0, 0, 0) and c.is_root
+    assert (c.rank, c.local_rank, c.node_rank) == (0, 0, 0) and c.rank == 0
 
 
 def test_tf_config_detected_with_a_chief():
     # The chief is rank 0, the workers follow: worker i is rank i + 1.
     worker, chief = ("a:2", "b:1"), ("a:1",)
     c = detect({"TF_CONFIG": tf_conf("chief", 0, worker, chief)})
-    assert (c.rank, c.size, c.local_rank, c.local_size, c.node_rank) == (0, 3, 0, 2, 0) and c.is_root
+    assert (c.rank, c.size, c.local_rank, c.local_size, c.node_rank) == (0, 3, 0, 2, 0) and c.rank == 0
     c = detect({"TF_CONFIG": tf_conf("worker", 0, worker, chief)})
     assert (c.rank, c.size, c.local_rank, c.local_size, c.node_rank) == (1, 3, 1, 2, 0)
     c = detect({"TF_CONFIG": tf_conf("worker", 1, worker, chief)})
@@ -417,3 +417,18 @@ def test_port_in_use_sees_a_reuseport_listener():
         s.bind(("", 0))
         s.listen()
         assert port_in_use(s.getsockname()[1])
+
+
+@pytest.mark.parametrize("nodelist, hosts", [
+    ("rack[1-2]-n[1-2]", ["rack1-n1", "rack1-n2", "rack2-n1", "rack2-n2"]),  # two bracket groups in one name
+    ("node[01-02]-ib,login1", ["node01-ib", "node02-ib", "login1"]),
+])
+def test_expand_hostlist_as_slurm_does(nodelist, hosts):
+    assert expand_hostlist(nodelist) == hosts
+
+
+def test_master_addr_keeps_the_suffix():
+    env = {**SLURM, "SLURM_STEP_NODELIST": "node[1-2]-ib"}
+    assert detect(env).master_addr == "node1-ib"  # the old parser dropped '-ib'
+    with pytest.raises(ClusterError, match="cannot be expanded"):
+        expand_hostlist("node[1-")

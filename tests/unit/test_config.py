@@ -21,7 +21,8 @@ def test_toml_then_cli(tmp_path):
 
 
 @pytest.mark.parametrize("argv, words", [
-    (["--arch", "resnet9"], "model.arch (--arch): 'resnet9' is not allowed (allowed: resnet18, resnet34, resnet50, resnet101)"),
+    (["--arch", "resnet9"],
+     "model.arch (--arch): 'resnet9' is not allowed (allowed: resnet18, resnet34, resnet50, resnet101)"),
     (["--batch-size", "0"], "data.batch_size (--batch-size): 0 is below the minimum 1"),
     (["--batch-size", "many"], "'many' is not an integer"),
     (["--amp", "fp8"], "allowed: none, bf16, fp16"),
@@ -137,7 +138,7 @@ def test_explicit_fields_are_the_ones_a_toml_or_a_flag_set(tmp_path):
 ])
 def test_run_length(epochs, max_steps, explicit, horizon, words):
     from hpctrain.config import RunConfig
-    from hpctrain.engine.base import run_length
+    from hpctrain.engine.trainer import run_length
     got_horizon, bound = run_length(RunConfig(epochs=epochs, max_steps=max_steps), 10, frozenset(explicit))
     assert got_horizon == horizon and words in bound
 

@@ -172,7 +172,7 @@ def test_synthetic():
 
 
 def test_bad_arguments():
-    with pytest.raises(DataError, match="imagenet.*synthetic, shapes, folder"):
+    with pytest.raises(DataError, match="imagenet.*shapes, synthetic, folder"):
         build_image_sources("imagenet", None, 32, 10, 0)
     with pytest.raises(DataError, match="image_size.*4"):
         build_image_sources("shapes", None, 4, 10, 0)

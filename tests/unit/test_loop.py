@@ -22,7 +22,7 @@ class NumpyEngine:
         self.batch, self.micro_batches = batch, micro
         self.step, self.steps_per_epoch = 0, n // (batch * micro)
         self.total_steps = self.steps_per_epoch * epochs
-        self.samples_per_step, self.counts_samples, self.data_size = batch * micro, True, 1
+        self.samples_per_step, self.counts_samples, self.data_size, self.local_replicas = batch * micro, True, 1, 1
         self.has_validation, self.logger, self.base_lr = validation, None, lr
         self.calls = {"reduce": 0, "save": [], "eval": [], "epochs": [], "agree": 0, "progress": []}
 

@@ -41,7 +41,7 @@ def _mems(costs, bounds, slots, factor):
 def _check_shape(plan: Plan, n_blocks: int, n_stages: int) -> None:
     assert len(plan.stages) == n_stages
     assert plan.stages[0][0] == 0 and plan.stages[-1][1] == n_blocks
-    for (a, b), (c, _) in zip(plan.stages, plan.stages[1:]):
+    for (_, b), (c, _) in zip(plan.stages, plan.stages[1:]):
         assert b == c
     assert all(b > a for a, b in plan.stages)
     assert len(plan.stage_times) == len(plan.stage_memory) == n_stages

@@ -69,7 +69,8 @@ def test_another_run_is_refused_naming_what_differs(tmp_path, change, words):
 def test_same_run_resumes(tmp_path):
     d = tmp_path / "run"
     record = make_run(d)
-    opened = rundir.open_run(d, {"framework": "torch", "recipe": "resnet", "arch": "resnet18"}, "auto", False, None, print)
+    config_part = {"framework": "torch", "recipe": "resnet", "arch": "resnet18"}  # what is known before the data
+    opened = rundir.open_run(d, config_part, "auto", False, None, print)
     assert opened.record.run_id == record.run_id and opened.resume == "auto"
 
 

@@ -22,7 +22,7 @@ import contextlib
 import numpy as np
 
 from hpctrain import quiet
-from hpctrain.engine.base import start_horovod
+from hpctrain.engine.horovod import ObjectBroadcast, start_horovod
 
 
 class LocalBackend:
@@ -75,7 +75,7 @@ class HorovodBackend(LocalBackend):
             import horovod.tensorflow as hvd
         self.hvd = hvd
         start_horovod(hvd, cfg, cluster, on_gpu=cluster_has_gpu())
-        self._broadcasts = 0
+        self.broadcast_object = ObjectBroadcast(hvd)
         self.op = hvd.Adasum if cfg.adasum else hvd.Average
         self.compression = hvd.Compression.fp16 if cfg.fp16_allreduce else hvd.Compression.none
 
@@ -93,11 +93,6 @@ class HorovodBackend(LocalBackend):
     def allreduce(self, values: np.ndarray, op: str = "sum") -> np.ndarray:
         out = self.hvd.allreduce(np.asarray(values, dtype=np.float64), op=self.hvd.Sum).numpy()
         return out / self.size if op == "mean" else out
-
-    def broadcast_object(self, obj):
-        # Named per call, like the torch backend: Horovod otherwise names it after type(obj).
-        self._broadcasts += 1
-        return self.hvd.broadcast_object(obj, root_rank=0, name=f"hpctrain.object.{self._broadcasts}")
 
     def barrier(self) -> None:
         # horovod.tensorflow has no barrier(); a scalar allreduce returns only when every rank is in it.

@@ -28,6 +28,7 @@ import tensorflow as tf
 
 from hpctrain.cluster import ClusterError, port_in_use, tf_config
 from hpctrain.config import ConfigError
+from hpctrain.engine.runtime import single_process_only
 from hpctrain.engine.tf.backends import LocalBackend
 
 
@@ -104,9 +105,7 @@ class MirroredBackend(StrategyBackend):
     name = "mirrored"
 
     def __init__(self, cfg, cluster, gpus: list):
-        if cluster.size > 1:
-            raise ConfigError(f"dist.backend (--backend): 'mirrored' runs one process over its local devices, but the "
-                              f"launcher started {cluster.size} ranks (allowed with several ranks: multiworker, horovod)")
+        single_process_only(cluster, "tf", "mirrored")  # one process over its local devices
         if gpus:
             devices = [d.name for d in tf.config.list_logical_devices("GPU")]
             ops = tf.distribute.NcclAllReduce() if cfg.collective in ("auto", "nccl") else None

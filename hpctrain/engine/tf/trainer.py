@@ -16,29 +16,26 @@ import tensorflow as tf
 
 from hpctrain import watchdog
 from hpctrain.checkpoint import tensor_mismatch
-from hpctrain.config import ConfigError
-from hpctrain.engine.base import EngineBase
+from hpctrain.engine.trainer import Job, TrainerBase
 
 
 def build_optimizer(model, cfg):
     """SGD (momentum) or AdamW; no weight decay on biases and normalisation parameters, as in torch.
     Keras applies weight decay decoupled (w -= lr x wd x w) for both."""
-    if cfg.optimizer == "sgd":
+    if cfg.optimizer == "sgd":  # config.py allows sgd and adamw only
         opt = keras.optimizers.SGD(learning_rate=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay or None)
-    elif cfg.optimizer == "adamw":
-        opt = keras.optimizers.AdamW(learning_rate=cfg.lr, weight_decay=cfg.weight_decay)
     else:
-        raise ConfigError(f"optim.optimizer (--optimizer): {cfg.optimizer!r} is not allowed (allowed: sgd, adamw)")
+        opt = keras.optimizers.AdamW(learning_rate=cfg.lr, weight_decay=cfg.weight_decay)
     if cfg.weight_decay:
         opt.exclude_from_weight_decay(var_list=[v for v in model.trainable_variables if len(v.shape) <= 1])
     return opt
 
 
-class Trainer(EngineBase):
+class Trainer(TrainerBase):
     checkpoint_suffix = ".npz"
 
-    def __init__(self, model, train_stream, val_stream, runtime, cfg, task):
-        super().__init__(runtime, cfg, train_stream.sampler, cfg.dist.accumulate, True, val_stream is not None)
+    def __init__(self, model, train_stream, val_stream, runtime, cfg, task, job: Job | None = None):
+        super().__init__(runtime, cfg, train_stream.sampler, cfg.dist.accumulate, True, val_stream is not None, job)
         self.model, self.task = model, task
         self.train_stream, self.val_stream = train_stream, val_stream
         self.optimizer = build_optimizer(model, cfg.optim)
@@ -142,22 +139,19 @@ class Trainer(EngineBase):
         bad = [i for i, a in enumerate(state["model"]) if a.dtype.kind == "f" and not np.isfinite(a).all()]
         return f"{len(bad)} weight(s), e.g. model weight #{bad[0]}" if bad else None
 
-    def restore(self, found) -> int:
-        """Rank 0 loads `found`; then every rank takes rank 0's weights, optimizer slots and step."""
-        step = self.step
-        if found:
-            where, state = found
-            self.model.set_weights(state["model"])
-            if len(state["optimizer"]) == len(self.optimizer.variables):
-                for v, a in zip(self.optimizer.variables, state["optimizer"]):
-                    v.assign(a)
-            else:
-                self.log(f"note: optimizer state of {where} does not fit this optimizer: it starts fresh")
-            step = int(state["step"])
-            self.note_world_size(state)
-            self.log(f"resumed from {where} at step {step}")
+    def load_state(self, state: dict) -> None:
+        self.model.set_weights(state["model"])
+        if len(state["optimizer"]) == len(self.optimizer.variables):
+            for v, a in zip(self.optimizer.variables, state["optimizer"]):
+                v.assign(a)
+        else:
+            self.log("note: the checkpoint's optimizer state does not fit this optimizer: it starts fresh")
+
+    def broadcast_state(self) -> None:
         self.backend.broadcast_variables([*self.model.weights, *self.optimizer.variables])
-        return self.backend.broadcast_object(step)
+
+    def parameter_count(self) -> int:
+        return self.model.count_params()
 
     def shape_mismatch(self, state: dict) -> str | None:
         theirs, ours = state.get("model") or [], self.model.weights

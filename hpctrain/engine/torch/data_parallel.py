@@ -54,21 +54,22 @@ class DataParallel:
         return {"model": self.whole_model().state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scaler": trainer.scaler.state_dict() if trainer.scaler else None, **trainer.checkpoint_meta()}
 
-    def restore(self, found, trainer) -> int:
-        """`found` = (path, state) on rank 0 if it read a checkpoint. Every rank gets rank 0's weights,
-        optimizer state, loss scale and step, resumed or freshly initialised. Returns the step."""
-        step = trainer.step
-        if found:
-            where, state = found
-            self.whole_model().load_state_dict(state["model"])
+    def layout_mismatch(self, state: dict) -> str | None:
+        return None  # any whole-model checkpoint loads here, pipelined or not
+
+    def load_state(self, state: dict, trainer) -> None:
+        """Rank 0 takes the checkpoint's weights, optimizer state and loss scale."""
+        self.whole_model().load_state_dict(state["model"])
+        if state.get("optimizer") is not None:
             self.optimizer.load_state_dict(state["optimizer"])
-            if trainer.scaler and state.get("scaler"):
-                trainer.scaler.load_state_dict(state["scaler"])
-            step = int(state["step"])
-            trainer.note_world_size(state)
-            trainer.log(f"resumed from {where} at step {step}")
+        else:  # written by a pipelined run: its optimizer state is per stage
+            trainer.log("note: checkpoint of a pipelined run: weights loaded, optimizer state starts fresh")
+        if trainer.scaler and state.get("scaler"):
+            trainer.scaler.load_state_dict(state["scaler"])
+
+    def broadcast_state(self, trainer) -> None:
+        """Every rank gets rank 0's weights, optimizer state and loss scale (resumed or freshly initialised)."""
         self.backend.broadcast_state(self.model, self.optimizer)
         if trainer.scaler is not None:  # fp16 loss scale: every rank must resume with rank 0's
             trainer.scaler.load_state_dict(self.backend.broadcast_object(
                 trainer.scaler.state_dict() if trainer.cluster.rank == 0 else None))
-        return self.backend.broadcast_object(step)

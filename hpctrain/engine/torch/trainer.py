@@ -1,9 +1,7 @@
-"""The torch engine of hpctrain.loop: a Trainer over a step plan (data-parallel or pipeline).
-
-EngineBase (engine/base.py) holds what every engine shares: step and LR bookkeeping, the agreed
-checkpoint write, resume orchestration, close. This Trainer adds the torch parts: loaders, AMP,
-torch.save/load. The plan (data_parallel.py, pipeline/step.py) owns the model: how a step runs, how
-buffers are synced and how state is collected and restored."""
+"""The torch engine's Trainer: the engine contract (hpctrain.engine.trainer) over a step plan (data-parallel
+or pipeline). The shared part is TrainerBase's; this adds the torch parts: loaders, AMP, torch.save/load. The
+plan (data_parallel.py, pipeline/step.py) owns the model: how a step runs, how buffers are synced and how state
+is collected, loaded and broadcast."""
 from __future__ import annotations
 
 import torch
@@ -11,22 +9,22 @@ from torch import nn
 
 from hpctrain import watchdog
 from hpctrain.checkpoint import tensor_mismatch
-from hpctrain.engine.base import EngineBase
 from hpctrain.engine.torch.data_parallel import DataParallel
-from hpctrain.engine.torch.tasks import Classification
 from hpctrain.engine.torch.util import autocast_factory, batches, nonfinite, to_device
+from hpctrain.engine.trainer import Job, TrainerBase
+from hpctrain.models.tasks import Classification
 
 
-class Trainer(EngineBase):
+class Trainer(TrainerBase):
     """`Trainer(model, optimizer, loaders, runtime, cfg, task)` trains data-parallel; pipeline runs
     pass `plan=` (a PipelinePlan) instead of a model and optimizer."""
     checkpoint_suffix = ".pt"
 
     def __init__(self, model: nn.Module | None, optimizer: torch.optim.Optimizer | None, train_loader, val_loader,
-                 runtime, cfg, task=None, plan=None):
+                 runtime, cfg, task=None, plan=None, job: Job | None = None):
         self.plan = plan or DataParallel(runtime.backend, model.to(runtime.device), optimizer, cfg.dist.accumulate)
         super().__init__(runtime, cfg, train_loader.batch_sampler, self.plan.micro_batches, self.plan.counts_samples,
-                         val_loader is not None)
+                         val_loader is not None, job)
         self.task = task or Classification(cfg.optim.label_smoothing)
         self.train_loader, self.val_loader = train_loader, val_loader
         self.autocast = autocast_factory(cfg.dist.amp, self.device)
@@ -78,7 +76,7 @@ class Trainer(EngineBase):
             watchdog.beat()
         return self.finish_evaluation(stats)
 
-    # ---- state (EngineBase's checkpoint hooks) ---------------------------------------------------------
+    # ---- state (TrainerBase's checkpoint hooks) ----------------------------------------------------
     def sync_buffers(self) -> None:
         self.plan.sync_buffers()
 
@@ -86,8 +84,14 @@ class Trainer(EngineBase):
         """The whole checkpoint on rank 0 (None elsewhere); a collective under the pipeline plan."""
         return self.plan.state(self)
 
-    def restore(self, found) -> int:
-        return self.plan.restore(found, self)
+    def load_state(self, state: dict) -> None:
+        self.plan.load_state(state, self)
+
+    def broadcast_state(self) -> None:
+        self.plan.broadcast_state(self)
+
+    def parameter_count(self) -> int:
+        return sum(p.numel() for p in self.whole_model().parameters())
 
     @staticmethod
     def write_state(state: dict, f) -> None:
@@ -105,6 +109,6 @@ class Trainer(EngineBase):
         theirs = state.get("model")
         if not isinstance(theirs, dict):
             return "it holds no model state"
-        return tensor_mismatch({k: tuple(v.shape) for k, v in theirs.items()},
+        return self.plan.layout_mismatch(state) or tensor_mismatch({k: tuple(v.shape) for k, v in theirs.items()},
                                {k: tuple(v.shape) for k, v in self.whole_model().state_dict().items()})
 

@@ -7,7 +7,6 @@ import torch
 from torch import nn
 
 from hpctrain import preempt
-from hpctrain.config import ConfigError
 from hpctrain.errors import UserError
 
 
@@ -62,11 +61,9 @@ def build_optimizer(model: nn.Module, cfg) -> torch.optim.Optimizer:
     decay = [p for p in model.parameters() if p.ndim > 1]
     no_decay = [p for p in model.parameters() if p.ndim <= 1]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    if cfg.optimizer == "sgd":
+    if cfg.optimizer == "sgd":  # config.py allows sgd and adamw only
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=False)
-    if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=cfg.lr)
-    raise ConfigError(f"optim.optimizer (--optimizer): {cfg.optimizer!r} is not allowed (allowed: sgd, adamw)")
+    return torch.optim.AdamW(groups, lr=cfg.lr)
 
 
 def autocast_factory(amp: str, device: torch.device):

@@ -21,7 +21,8 @@ def build_resnet(arch: str, num_classes: int, image_size: int) -> keras.Model:
     # torch.nn.Linear's default init (uniform, variance 1/(3 fan_in)) rather than Glorot: the same starting
     # logit scale as the torch model (Glorot's 2.4x larger logits start ResNet-18 at a loss near 4, not 2.3).
     init = keras.initializers.VarianceScaling(1 / 3, "fan_in", "uniform")
-    logits = keras.layers.Dense(num_classes, kernel_initializer=init, dtype="float32", name="fc")(x)  # float32 under AMP
+    # float32 under AMP
+    logits = keras.layers.Dense(num_classes, kernel_initializer=init, dtype="float32", name="fc")(x)
     return keras.Model(inputs, logits, name=arch)
 
 

@@ -1,9 +1,10 @@
 """Backends of the torch engine (the protocol: backends/base.py) and the one factory that builds them."""
 from __future__ import annotations
 
+from hpctrain.choices import BACKENDS
 from hpctrain.cluster import ClusterEnv
 from hpctrain.config import ConfigError, DistConfig
-from hpctrain.engine import BACKENDS
+from hpctrain.engine.runtime import single_process_only
 
 
 def build_backend(cfg: DistConfig, cluster: ClusterEnv, device, pipeline_stages: int = 1):
@@ -25,9 +26,7 @@ def build_backend(cfg: DistConfig, cluster: ClusterEnv, device, pipeline_stages:
         from hpctrain.engine.torch.backends.ddp import DDPBackend
         return DDPBackend(cfg, cluster, device)
     if cfg.backend == "none":
-        if cluster.size > 1:
-            raise ConfigError(f"dist.backend (--backend): 'none' runs one process, but the launcher started {cluster.size} ranks "
-                             "(allowed with several ranks: horovod, ddp, mpi)")
+        single_process_only(cluster, "torch")
         from hpctrain.engine.torch.backends.local import LocalBackend
         return LocalBackend(cfg, cluster, device)
     raise ConfigError(f"dist.backend (--backend): {cfg.backend!r} is not allowed with the torch engine "

@@ -2,7 +2,8 @@
 
     wrap(model, optimizer) -> (model, optimizer)   apply DistributedOptimizer / DDP from outside the model
     unwrap(model)                                the plain module (for state dicts and exports)
-    broadcast_state(model, optimizer)            rank 0's parameters, buffers and optimizer state to all
+    broadcast_state(model, optimizer)            rank 0's parameters, buffers and optimizer state to all:
+                                                 broadcast_tensors (the backend's own) + the optimizer state
     broadcast_object(obj)                        any picklable value from rank 0
     allreduce(tensor, op="mean"|"sum")           across all ranks
     accumulation(model, last)                    context for a backward pass that must not sync yet
@@ -43,6 +44,16 @@ class Backend:
             scaler.update()
 
     def broadcast_state(self, model, optimizer) -> None:
+        """Every rank starts from rank 0's weights (random init or a checkpoint) and optimizer state."""
+        self.broadcast_tensors(self.unwrap(model).state_dict())
+        # The optimizer state goes as one object (Horovod's broadcast_optimizer_state takes a dummy step on
+        # ranks whose state is empty, which moves weights under weight decay).
+        state = self.broadcast_object(optimizer.state_dict() if self.rank == 0 else None)
+        if self.rank != 0:
+            optimizer.load_state_dict(state)
+
+    def broadcast_tensors(self, tensors: dict) -> None:
+        """Rank 0's values of these tensors (a state dict: views of parameters and buffers) into every rank's."""
         raise NotImplementedError
 
     def broadcast_object(self, obj):

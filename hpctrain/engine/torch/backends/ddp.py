@@ -45,12 +45,9 @@ class DDPBackend(Backend):
     def unwrap(self, model):
         return model.module if isinstance(model, DistributedDataParallel) else model
 
-    def broadcast_state(self, model, optimizer) -> None:
-        for t in self.unwrap(model).state_dict().values():
+    def broadcast_tensors(self, tensors: dict) -> None:
+        for t in tensors.values():
             dist.broadcast(t, src=0)
-        state = self.broadcast_object(optimizer.state_dict() if self.rank == 0 else None)
-        if self.rank != 0:
-            optimizer.load_state_dict(state)
 
     def broadcast_object(self, obj):
         box = [obj]

@@ -4,7 +4,7 @@ from __future__ import annotations
 import horovod.torch as hvd
 import torch
 
-from hpctrain.engine.base import start_horovod
+from hpctrain.engine.horovod import ObjectBroadcast, start_horovod
 from hpctrain.engine.torch.backends.base import Backend
 
 
@@ -14,7 +14,7 @@ class HorovodBackend(Backend):
     def __init__(self, cfg, cluster, device):
         super().__init__(cfg, cluster, device)
         start_horovod(hvd, cfg, cluster, on_gpu=device.type == "cuda")
-        self._broadcasts = 0
+        self.broadcast_object = ObjectBroadcast(hvd)
 
     def wrap(self, model, optimizer):
         # Horovod: gradients are allreduced by hooks as backward produces them, overlapping compute.
@@ -25,20 +25,8 @@ class HorovodBackend(Backend):
             backward_passes_per_step=self.cfg.accumulate)
         return model, optimizer
 
-    def broadcast_state(self, model, optimizer) -> None:
-        # Horovod: every rank starts from rank 0's weights (random init or a checkpoint).
-        hvd.broadcast_parameters(model.state_dict(), root_rank=0)
-        # The optimizer state goes as one object rather than hvd.broadcast_optimizer_state, which
-        # takes a dummy step on ranks whose state is empty (it moves weights under weight decay).
-        state = self.broadcast_object(optimizer.state_dict() if self.rank == 0 else None)
-        if self.rank != 0:
-            optimizer.load_state_dict(state)
-
-    def broadcast_object(self, obj):
-        # Horovod names the collective after type(obj) unless told: None on the receivers and a
-        # dict on rank 0 would never match (deadlock). A per-call counter keeps names equal and unique.
-        self._broadcasts += 1
-        return hvd.broadcast_object(obj, root_rank=0, name=f"hpctrain.object.{self._broadcasts}")
+    def broadcast_tensors(self, tensors: dict) -> None:
+        hvd.broadcast_parameters(tensors, root_rank=0)
 
     def allreduce(self, tensor: torch.Tensor, op: str = "mean") -> torch.Tensor:
         return hvd.allreduce(tensor, op=hvd.Average if op == "mean" else hvd.Sum)

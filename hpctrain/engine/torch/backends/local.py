@@ -10,7 +10,7 @@ class LocalBackend(Backend):
     name = "none"
 
     def broadcast_state(self, model, optimizer) -> None:
-        pass
+        pass  # one process: its state is everyone's
 
     def broadcast_object(self, obj):
         return obj

@@ -12,6 +12,7 @@ import torch
 from mpi4py import MPI
 
 from hpctrain.config import ConfigError
+from hpctrain.engine.runtime import check_world
 from hpctrain.engine.torch.backends.base import Backend
 from hpctrain.engine.torch.pipeline.runtime import as_buffer
 from hpctrain.pipeline.transfer import bcast_from_root
@@ -26,10 +27,7 @@ class MPIBackend(Backend):
             raise ConfigError(f"dist.backend (--backend): 'mpi' reduces CPU tensors, but this rank trains on "
                               f"{device} (allowed on GPUs: horovod, ddp; or --device cpu)")
         self.comm = MPI.COMM_WORLD
-        if (self.comm.Get_rank(), self.comm.Get_size()) != (cluster.rank, cluster.size):
-            raise RuntimeError(f"MPI sees rank {self.comm.Get_rank()} of {self.comm.Get_size()} but the launcher says "
-                               f"{cluster.rank} of {cluster.size} ({cluster.launcher}): is mpi4py built against the "
-                               "MPI that launched this job?")
+        check_world(self.comm.Get_rank(), self.comm.Get_size(), cluster, "mpi4py")
         self._flat: torch.Tensor | None = None
 
     def step(self, optimizer, scaler=None) -> None:
@@ -53,12 +51,9 @@ class MPIBackend(Backend):
             g.copy_(self._flat[offset:offset + g.numel()].view_as(g))
             offset += g.numel()
 
-    def broadcast_state(self, model, optimizer) -> None:
-        for t in model.state_dict().values():  # views of the parameters and buffers: filled in place
+    def broadcast_tensors(self, tensors: dict) -> None:
+        for t in tensors.values():  # views of the parameters and buffers: filled in place
             self.comm.Bcast(as_buffer(t), root=0)
-        state = self.broadcast_object(optimizer.state_dict() if self.rank == 0 else None)
-        if self.rank != 0:
-            optimizer.load_state_dict(state)
 
     def broadcast_object(self, obj):
         return bcast_from_root(self.comm, obj)  # pickle-5 out of band: no 2 GiB limit

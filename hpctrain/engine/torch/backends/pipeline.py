@@ -10,6 +10,7 @@ import traceback
 import torch
 from mpi4py import MPI
 
+from hpctrain.engine.runtime import check_world
 from hpctrain.engine.torch.backends.base import Backend
 from hpctrain.engine.torch.pipeline.runtime import Grid, as_buffer
 
@@ -20,10 +21,7 @@ class PipelineBackend(Backend):
     def __init__(self, cfg, cluster, device, stages: int):
         super().__init__(cfg, cluster, device)
         comm = MPI.COMM_WORLD
-        if (comm.Get_rank(), comm.Get_size()) != (cluster.rank, cluster.size):
-            raise RuntimeError(f"MPI sees rank {comm.Get_rank()} of {comm.Get_size()} but the launcher says "
-                               f"{cluster.rank} of {cluster.size} ({cluster.launcher}): is mpi4py built against "
-                               "the MPI that launched this job?")
+        check_world(comm.Get_rank(), comm.Get_size(), cluster, "mpi4py")
         self.grid = Grid(comm, stages)
         sys.excepthook = _abort_job
         self.data_rank, self.data_size = self.grid.replica, self.grid.replicas

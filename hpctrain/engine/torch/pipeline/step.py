@@ -14,7 +14,6 @@ from mpi4py import MPI
 from torch import nn
 
 from hpctrain import watchdog
-from hpctrain.checkpoint import CheckpointError
 from hpctrain.engine.torch.pipeline.profile import combine, profile_blocks
 from hpctrain.engine.torch.pipeline.runtime import PipelineStage, as_buffer
 from hpctrain.engine.torch.util import build_optimizer, to_device
@@ -116,6 +115,7 @@ class PipelinePlan:
         self.stage = PipelineStage(mine, grid, task, runtime.device, cfg.pipeline.schedule, cfg.pipeline.micro_batches,
                                    tied=tied, reducer=cfg.pipeline.allreduce, autocast=autocast)
         self.owned_keys = [self.keys_of(s) for s in range(len(self.plan.stages))]
+        self.parts: list[dict] | None = None  # rank 0, between load_state and broadcast_state
         log(describe(self.plan))
 
     def keys_of(self, stage: int) -> list[str]:
@@ -168,43 +168,39 @@ class PipelinePlan:
         return {"model": full, "optimizer": None, "scaler": None, **trainer.checkpoint_meta(),
                 "pipeline": {"plan": self.plan.to_dict(), "optimizers": [q["optimizer"] for q in parts]}}
 
-    def restore(self, found, trainer) -> int:
-        """Rank 0 cuts the checkpoint it read into stage parts and hands each rank only its own stage's
-        weights and optimizer state (a scatter, not a broadcast of the whole model)."""
-        items = None
-        if self.grid.world.Get_rank() == 0:
-            items = self.stage_parts(found, trainer)
-        item = scatter_from_root(self.grid.world, items)
-        if "error" in item:
-            raise CheckpointError(item["error"])
-        if item["step"] is None:  # nothing to resume: replicas start from their replica 0's initial weights
+    def layout_mismatch(self, state: dict) -> str | None:
+        """A pipelined checkpoint loads only into the same stages (its optimizer state is per stage)."""
+        pipe = state.get("pipeline")
+        if pipe is not None and [tuple(r) for r in pipe["plan"]["stages"]] != [tuple(r) for r in self.plan.stages]:
+            return (f"it was written with stages {pipe['plan']['stages']}, this run's plan has {self.plan.stages}: "
+                    f"pass its plan with --partition {Path(self.cfg.run.run_dir) / PLAN_FILE}")
+        return None
+
+    def load_state(self, state: dict, trainer) -> None:
+        """Rank 0 cuts the checkpoint into one part per world rank: its stage's weights and optimizer state."""
+        pipe = state.get("pipeline")
+        if pipe is None:
+            trainer.log("note: checkpoint from a run without pipeline: weights loaded, optimizer state starts fresh")
+        self.full.load_state_dict(state["model"])
+        parts = [{"model": {k: state["model"][k] for k in self.owned_keys[s]},
+                  "optimizer": pipe["optimizers"][s] if pipe is not None else None}
+                 for s in range(len(self.plan.stages))]
+        self.parts = [parts[r // self.grid.replicas] for r in range(self.grid.world.Get_size())]
+
+    def broadcast_state(self, trainer) -> None:
+        """Each rank gets only its own stage's part (a scatter, not a broadcast of the whole model); with nothing
+        loaded, the replicas of a stage start from their replica 0's initial weights."""
+        parts = self.parts
+        if self.grid.world.Get_rank() == 0 and parts is None:
+            parts = [None] * self.grid.world.Get_size()
+        item = scatter_from_root(self.grid.world, parts)
+        self.parts = None
+        if item is None:
             for t in (*self.model.parameters(), *self.model.buffers()):
                 host = t.detach().cpu().clone()
                 self.grid.data.Bcast(as_buffer(host), root=0)
                 t.data.copy_(host)
-            return trainer.step
+            return
         self.full.load_state_dict(item["model"], strict=False)
         if item["optimizer"] is not None:
             self.optimizer.load_state_dict(item["optimizer"])
-        return item["step"]
-
-    def stage_parts(self, found, trainer) -> list[dict]:
-        """Rank 0: one item per world rank (its stage's part of `found`, or why it cannot resume)."""
-        size, per_stage = self.grid.world.Get_size(), self.grid.replicas
-        if not found:
-            return [{"step": None}] * size
-        where, state = found
-        pipe = state.get("pipeline")
-        if pipe is not None and [tuple(r) for r in pipe["plan"]["stages"]] != [tuple(r) for r in self.plan.stages]:
-            error = (f"checkpoint {where} was written with stages {pipe['plan']['stages']}, this run's plan has "
-                     f"{self.plan.stages}: pass its plan with --partition {Path(self.cfg.run.run_dir) / PLAN_FILE}")
-            return [{"error": error}] * size
-        if pipe is None:
-            trainer.log("note: checkpoint from a run without pipeline: weights loaded, optimizer state starts fresh")
-        self.full.load_state_dict(state["model"])
-        step = int(state["step"])
-        trainer.log(f"resumed from {where} at step {step}")
-        parts = [{"step": step, "model": {k: state["model"][k] for k in self.owned_keys[s]},
-                  "optimizer": pipe["optimizers"][s] if pipe is not None else None}
-                 for s in range(len(self.plan.stages))]
-        return [parts[r // per_stage] for r in range(size)]
