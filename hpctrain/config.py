@@ -20,6 +20,7 @@ from typing import Any, get_type_hints
 
 from hpctrain import choices as C
 from hpctrain.errors import UserError
+from hpctrain.oneline import OneLineParser
 
 
 class ConfigError(UserError, ValueError):
@@ -311,24 +312,13 @@ def load_toml(cfg, path: str) -> set[str]:
     return keys
 
 
-class _OneLineParser(argparse.ArgumentParser):
-    """argparse, but a bad flag raises ConfigError (one line, exit 2 from the entry point), no usage dump."""
-
-    def error(self, message: str):
-        if "unrecognized arguments" in message:
-            bad = message.split(":", 1)[1].split()
-            known = [a for action in self._actions for a in action.option_strings]
-            hints = [m for b in bad for m in difflib.get_close_matches(b.split("=")[0], known, n=1)]
-            message += f" (did you mean {', '.join(hints)}?)" if hints else " (see --help for the options)"
-        raise ConfigError(message)  # the entry point prints it once for all ranks
-
-
 def build_parser(prog: str, extra=None, config_cls=None) -> argparse.ArgumentParser:
     defaults = extra or (config_cls or TrainConfig)()
     SECTIONS = sections(type(defaults))
-    p = _OneLineParser(prog=prog, description="Train with Horovod/DDP on any launcher "
-                                              "(horovodrun, mpirun, srun, single process).",
-                       formatter_class=argparse.HelpFormatter)  # each help text states its default
+    # A bad flag raises ConfigError (one line, printed once by the entry point, exit 2), no usage dump.
+    p = OneLineParser(prog=prog, description="Train with Horovod/DDP on any launcher "
+                                             "(horovodrun, mpirun, srun, single process).",
+                      formatter_class=argparse.HelpFormatter, error_class=ConfigError)  # each help states its default
     p.add_argument("--config", help="TOML file with [run], [data], [model], [optim], [dist] sections")
     p.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
     for section in SECTIONS:
