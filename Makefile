@@ -9,7 +9,7 @@ export OMPI_ALLOW_RUN_AS_ROOT_CONFIRM := 1
 # Ctrl-C on mpirun/horovodrun: the ranks get this many seconds (twice) to agree, save and exit (Open MPI: 1).
 export OMPI_MCA_odls_base_sigkill_timeout ?= 20
 
-.PHONY: install demo demo-tf demo-bert test test-unit test-latest lock clean container-check
+.PHONY: install demo demo-tf demo-bert lint check test test-unit test-latest lock clean container-check
 
 install:
 	@bash scripts/install.sh
@@ -26,11 +26,21 @@ demo-tf: install
 demo-bert: install
 	horovodrun -np $(NP) python -m hpctrain.bert --config configs/bert_tiny.toml --new-run $(ARGS)
 
-test: install
+# The lint gate: ruff (rules in pyproject.toml) and the import contracts (import-linter: the framework-free
+# core, the layers, the engines' independence, no cycles). Any finding fails.
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports
+
+# Lint + the unit tier (tests/unit, one process each, about a minute): before every commit.
+check: lint
+	$(PY) -m pytest -ra -m unit tests/unit $(PYTEST_ARGS)
+
+# Everything: lint, then every tier (unit, mpi, tf, slurm, container, benchmark); what CI runs.
+test: lint
 	$(PY) -m pytest -ra tests $(PYTEST_ARGS)
 
-test-unit: install
-	$(PY) -m pytest -ra tests/unit $(PYTEST_ARGS)
+test-unit: check
 
 # containers/: parse both definitions, build the CPU one for real in a Debian 12 root (debootstrap + bubblewrap,
 # installed when missing; cached in ~/.cache/hpctrain/container-roots), run its %test, train in it with mpirun

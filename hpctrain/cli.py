@@ -15,7 +15,7 @@ import os
 import sys
 import time
 
-from hpctrain import loop, preempt, recipes, rundir, runlock, watchdog
+from hpctrain import image, loop, preempt, recipes, rundir, runlock, watchdog
 from hpctrain.cluster import ClusterEnv, detect
 from hpctrain.config import parse
 from hpctrain.engine.build import build_trainer
@@ -58,6 +58,7 @@ def report_error(prog: str, error: ExitError, rank: int | None) -> int:
 def main(recipe_name: str, argv: list[str] | None = None) -> int:
     """`python -m hpctrain.<recipe_name>`: the whole run, returning the exit code."""
     one_write_per_line()
+    image.apply()  # inside a container: the MPI settings its runtime may not have set, before any MPI starts
     recipe = recipes.get(recipe_name)
     prog, rank, trainer, closed = recipe.prog, None, None, False
     try:
@@ -68,7 +69,7 @@ def main(recipe_name: str, argv: list[str] | None = None) -> int:
             print(f"{prog}: {cluster.launcher} launcher, {cluster.size} rank(s) on {cluster.num_nodes} node(s)")
             print(f"{prog}: config {json.dumps(cfg.to_dict(), sort_keys=True)}")
         preemption = preempt.Preemption().install()  # from here SIGUSR1/SIGTERM only set a flag
-        watchdog.start(cfg.run.hang_timeout, cfg.run.run_dir, cluster.rank, cluster.node_name)
+        watchdog.start(cfg.run.hang_timeout, cfg.run.run_dir, cluster.rank, cluster.node_name, cfg.run.startup_timeout)
         trainer = build_trainer(recipe, cfg, cluster)
         try:
             result = loop.train(trainer, cfg.run, cluster.rank, preemption)

@@ -56,6 +56,10 @@ class RunConfig:
     hang_timeout: float = opt(300.0, "seconds without training progress before a rank writes its stacks to "
                                      "run_dir/hang-<rank>.txt and exits 86 (at least 3x the slowest step; "
                                      "start-up, checkpoint writes and profiling get 6x; 0 = off)", minimum=0.0)
+    startup_timeout: float = opt(180.0, "seconds rank 0 may wait in a collective at start-up (backend init, the state "
+                                        "broadcast) before the job ends with 86 naming it: a missing peer or a "
+                                        "broken transport (0 = only --hang-timeout's start-up allowance)",
+                                 minimum=0.0)
     preempt_check_every: int = opt(10, "every N steps the ranks agree (one allreduce) whether SIGUSR1/SIGTERM "
                                        "arrived; then all save and exit 85 for a requeue", minimum=1)
 

@@ -41,8 +41,10 @@ BACKSTOP_MARGIN = 2.0  # the C-level backstop fires at this many limits, if our 
 
 
 class Watchdog:
-    def __init__(self, timeout: float, run_dir: str | os.PathLike, rank: int, node: str):
+    def __init__(self, timeout: float, run_dir: str | os.PathLike, rank: int, node: str, startup: float = 0.0):
         self.timeout, self.rank, self.node = float(timeout), rank, node
+        self.startup = float(startup)  # the bound of rank 0's wait in a start-up collective (0: none)
+        self.collectives: list[str] = []  # the start-up collectives rank 0 is in now, innermost last
         self.report = Path(run_dir) / f"hang-{rank}.txt"
         self.last = time.monotonic()
         self.step: int | None = None
@@ -56,7 +58,8 @@ class Watchdog:
     def limit(self) -> float:
         base = max(self.timeout, STEP_MULTIPLE * self.slowest)
         # Until one step has been timed, its length is unknown (a big model's step may exceed the timeout).
-        return PHASE_FACTOR * base if self.phases or not self.slowest else base
+        phase = PHASE_FACTOR * base if self.phases or not self.slowest else base
+        return min(phase, self.startup) if self.collectives and self.startup else phase
 
     def beat(self, step: int | None = None) -> None:
         now = time.monotonic()
@@ -90,6 +93,25 @@ class Watchdog:
             self.last, self.counting = time.monotonic(), False
             self._arm(self.last)
 
+    @contextlib.contextmanager
+    def collective(self, name: str):
+        """A collective every rank enters at start-up (backend init, a state broadcast). Rank 0 arrives last at
+        these (it does the run dir and checkpoint I/O first), so rank 0 waiting in one longer than --startup-
+        timeout means a peer never came or the transport between ranks is broken: end the job then, naming the
+        collective, not after the start-up allowance (PHASE_FACTOR x the hang timeout)."""
+        if self.rank != 0:
+            yield
+            return
+        self.collectives.append(name)
+        self.last, self.counting = time.monotonic(), False
+        self._arm(self.last)
+        try:
+            yield
+        finally:
+            self.collectives.pop()
+            self.last = time.monotonic()
+            self._arm(self.last)
+
     def start(self) -> Watchdog:
         self.phases.append("start-up")  # until the first step boundary
         self._arm(time.monotonic())
@@ -120,12 +142,18 @@ class Watchdog:
                 self._fire(now - self.last)
 
     def _fire(self, age: float) -> None:
-        where = f"during {self.phases[-1]}" if self.phases else f"after step {self.step}"
+        if self.collectives:
+            where = (f"waiting in the start-up collective '{self.collectives[-1]}' (a peer never came, or the "
+                     "transport between ranks is broken)")
+        else:
+            where = f"during {self.phases[-1]}" if self.phases else f"after step {self.step}"
         line = (f"hpctrain: rank {self.rank} on node {self.node}: no progress for {age:.0f} s {where} "
-                f"(hang timeout {self.limit():.3g} s): stacks in {self.report}; exiting {EXIT_HANG}")
+                f"({'startup' if self.collectives else 'hang'} timeout {self.limit():.3g} s): stacks in {self.report}; "
+                f"exiting {EXIT_HANG}")
         record = {"rank": self.rank, "node": self.node, "step": self.step,
-                  "phase": self.phases[-1] if self.phases else None, "seconds": round(age, 1), "limit": self.limit(),
-                  "pid": os.getpid(), "time": round(time.time(), 3)}
+                  "phase": self.phases[-1] if self.phases else None,
+                  "collective": self.collectives[-1] if self.collectives else None, "seconds": round(age, 1),
+                  "limit": self.limit(), "pid": os.getpid(), "time": round(time.time(), 3)}
         try:
             self.report.parent.mkdir(parents=True, exist_ok=True)
             with open(self.report, "w") as f:
@@ -146,12 +174,12 @@ class Watchdog:
 _current: Watchdog | None = None
 
 
-def start(timeout: float, run_dir, rank: int, node: str) -> Watchdog | None:
-    """Start this rank's watchdog (timeout 0: off)."""
+def start(timeout: float, run_dir, rank: int, node: str, startup: float = 0.0) -> Watchdog | None:
+    """Start this rank's watchdog (timeout 0: off; startup: the bound of a start-up collective, 0: none)."""
     global _current
     stop()
     if timeout > 0:
-        _current = Watchdog(timeout, run_dir, rank, node).start()
+        _current = Watchdog(timeout, run_dir, rank, node, startup).start()
     return _current
 
 
@@ -169,6 +197,10 @@ def beat(step: int | None = None) -> None:
 
 def phase(name: str):
     return _current.phase(name) if _current is not None else contextlib.nullcontext()
+
+
+def collective(name: str):
+    return _current.collective(name) if _current is not None else contextlib.nullcontext()
 
 
 def launcher_defaults(timeout: float) -> dict[str, str]:

@@ -153,57 +153,69 @@ def prepare(inputs: list[str], output: str, vocab_size: int = 8000, seq_len: int
                "vocab": str(Path(vocab).resolve()) if vocab else None,
                "tokenizer": str(Path(tokenizer).resolve()) if tokenizer else None}
     fp = _fingerprint(files, options)
-    if (out / MANIFEST).is_file():
-        try:
-            old = json.loads((out / MANIFEST).read_text())
-        except ValueError:
-            old = {}
-        if old.get("fingerprint") == fp and all((out / s["file"]).is_file() for s in old.get("shards", [])):
-            log(f"prepare: reusing {out} (inputs and options unchanged: {old['num_sequences']} sequences)")
-            return old
+    old = _reusable(out, fp)
+    if old is not None:
+        log(f"prepare: reusing {out} (inputs and options unchanged: {old['num_sequences']} sequences)")
+        return old
     # Check every file first (binary/undecodable/empty): a bad input fails before anything is written.
-    workers = workers or min(len(files), os.cpu_count() or 1)
-    total_chars = 0
-    for f in files:
-        total_chars += len(read_text(f).strip())
-    if total_chars == 0:
+    if sum(len(read_text(f).strip()) for f in files) == 0:
         raise DataError(f"empty corpus: the {len(files)} input file(s) hold no text")
-
     if vocab or tokenizer:
         tok = load_tokenizer(vocab, tokenizer)
         log(f"prepare: tokenizer from {vocab or tokenizer}")
     else:
         log(f"prepare: training a WordPiece tokenizer (vocab {vocab_size}) on {len(files)} file(s)")
         tok = train_tokenizer(files, vocab_size)
-    backend = getattr(tok, "_tokenizer", tok)  # BertWordPieceTokenizer wraps a tokenizers.Tokenizer
-    specials = special_ids(backend)
-    if backend.post_processor is None:  # encode() of the saved tokenizer adds [CLS] ... [SEP] as BERT expects
+    specials = special_ids(tok)
+    if tok.post_processor is None:  # encode() of the saved tokenizer adds [CLS] ... [SEP] as BERT expects
         from tokenizers.processors import BertProcessing
-        backend.post_processor = BertProcessing(("[SEP]", specials["[SEP]"]), ("[CLS]", specials["[CLS]"]))
-    vsize = backend.get_vocab_size()
-    tok_json = backend.to_str()
+        tok.post_processor = BertProcessing(("[SEP]", specials["[SEP]"]), ("[CLS]", specials["[CLS]"]))
+    vsize, tok_json = tok.get_vocab_size(), tok.to_str()
     out.mkdir(parents=True, exist_ok=True)
     (out / MANIFEST).unlink(missing_ok=True)  # from here on the directory is not a complete corpus
     atomic_write(out / TOKENIZER_FILE, lambda fh: fh.write(tok_json.encode()))
-    id_to_token = sorted(backend.get_vocab().items(), key=lambda kv: kv[1])
+    id_to_token = sorted(tok.get_vocab().items(), key=lambda kv: kv[1])
     atomic_write(out / VOCAB_FILE, lambda fh: fh.write("".join(t + "\n" for t, _ in id_to_token).encode()))
-
-    from tqdm import tqdm
     show = sys.stderr.isatty() if progress is None else progress
-    jobs = [(str(f), tok_json) for f in files]
-    streams: list[np.ndarray] = []
-    if workers > 1 and len(files) > 1:
-        with multiprocessing.get_context("spawn").Pool(min(workers, len(files))) as pool:
-            for arr in tqdm(pool.imap(_tokenize_file, jobs), total=len(jobs), desc="tokenize", disable=not show):
-                streams.append(arr)
-    else:
-        for job in tqdm(jobs, desc="tokenize", disable=not show):
-            streams.append(_tokenize_file(job))
-    tokens = np.concatenate(streams)
+    tokens = _tokenize_files(files, tok_json, workers or min(len(files), os.cpu_count() or 1), show)
     rows = pack(tokens, seq_len, specials["[CLS]"], specials["[SEP]"], specials["[PAD]"])
     dtype = np.uint16 if vsize <= np.iinfo(np.uint16).max + 1 else np.int32
     rows = rows.astype(dtype)
+    shards = _write_shards(out, rows, shard_sequences)
+    manifest = {"format": FORMAT_VERSION, "vocab_size": int(vsize), "seq_len": seq_len, "dtype": np.dtype(dtype).name,
+                "special_tokens": specials, "num_sequences": int(len(rows)), "num_tokens": int(len(tokens)),
+                "shards": shards, "tokenizer": TOKENIZER_FILE, "vocab": VOCAB_FILE, "fingerprint": fp}
+    atomic_write(out / MANIFEST, lambda fh: fh.write(json.dumps(manifest, indent=1).encode()))
+    log(f"prepare: wrote {len(rows)} sequences x {seq_len} tokens ({len(tokens)} tokens, vocab {vsize}) "
+        f"in {len(shards)} shard(s) to {out}")
+    return manifest
 
+
+def _reusable(out: Path, fingerprint: str) -> dict | None:
+    """The manifest of a complete corpus in `out` prepared from the same inputs and options, else None."""
+    if not (out / MANIFEST).is_file():
+        return None
+    try:
+        old = json.loads((out / MANIFEST).read_text())
+    except ValueError:
+        return None
+    complete = all((out / s["file"]).is_file() for s in old.get("shards", []))
+    return old if old.get("fingerprint") == fingerprint and complete else None
+
+
+def _tokenize_files(files: list[Path], tok_json: str, workers: int, show: bool) -> np.ndarray:
+    """Every file's token ids, in file order, in one stream (spawned worker processes for several files)."""
+    from tqdm import tqdm
+    jobs = [(str(f), tok_json) for f in files]
+    if workers > 1 and len(files) > 1:
+        with multiprocessing.get_context("spawn").Pool(min(workers, len(files))) as pool:
+            streams = list(tqdm(pool.imap(_tokenize_file, jobs), total=len(jobs), desc="tokenize", disable=not show))
+    else:
+        streams = [_tokenize_file(job) for job in tqdm(jobs, desc="tokenize", disable=not show)]
+    return np.concatenate(streams)
+
+
+def _write_shards(out: Path, rows: np.ndarray, shard_sequences: int) -> list[dict]:
     for old in out.glob("shard-*.npy"):
         old.unlink()
     shards = []
@@ -212,13 +224,7 @@ def prepare(inputs: list[str], output: str, vocab_size: int = 8000, seq_len: int
         part = rows[start:start + shard_sequences]
         atomic_write(out / name, lambda fh, part=part: np.save(fh, part, allow_pickle=False))
         shards.append({"file": name, "sequences": int(len(part)), "sha256": sha256_file(out / name)})
-    manifest = {"format": FORMAT_VERSION, "vocab_size": int(vsize), "seq_len": seq_len, "dtype": np.dtype(dtype).name,
-                "special_tokens": specials, "num_sequences": int(len(rows)), "num_tokens": int(len(tokens)),
-                "shards": shards, "tokenizer": TOKENIZER_FILE, "vocab": VOCAB_FILE, "fingerprint": fp}
-    atomic_write(out / MANIFEST, lambda fh: fh.write(json.dumps(manifest, indent=1).encode()))
-    log(f"prepare: wrote {len(rows)} sequences x {seq_len} tokens ({len(tokens)} tokens, vocab {vsize}) "
-        f"in {len(shards)} shard(s) to {out}")
-    return manifest
+    return shards
 
 
 # ---- loading ---------------------------------------------------------------------------------------

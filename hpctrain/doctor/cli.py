@@ -6,7 +6,7 @@ import sys
 import warnings
 from dataclasses import asdict
 
-from hpctrain import recipes
+from hpctrain import image, recipes
 from hpctrain.cluster import ClusterEnv, detect
 from hpctrain.doctor import checks as _registered  # noqa: F401  (importing registers every check)
 from hpctrain.doctor.common import Check, Context
@@ -117,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{PROG}: error: {e}", file=sys.stderr, flush=True)
         return e.exit_code
     ctx = Context(args, cluster, checks=notes)
+    ctx.facts["image_missing"] = image.apply()  # as training does, before MPI starts; the container check reports it
     deadline = Deadline(args.timeout, cluster.rank, lambda limit: give_up(ctx, limit))
     ctx.on_stage = deadline.enter
     try:

@@ -24,7 +24,8 @@ class Resuming:
                     found = self.read_checkpoint()
                 except ExitError as e:
                     error = (e.exit_code, str(e))
-            error = self.backend.broadcast_object(error)
+            with watchdog.collective("the checkpoint's verdict"):
+                error = self.backend.broadcast_object(error)
             if error:
                 raise rebuild(*error)
             self.step = self.restore(found)

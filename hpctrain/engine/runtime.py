@@ -81,6 +81,7 @@ def open_run_dir(recipe, cfg, rt: Runtime) -> None:
             rt.opened = rundir.open_run(r.run_dir, recipe.identity(cfg), r.resume, r.new_run, c.job_id, log=print)
         except ExitError as e:
             error = (e.exit_code, str(e))
-    error = rt.backend.broadcast_object(error)
+    with watchdog.collective("the run directory's verdict"):
+        error = rt.backend.broadcast_object(error)
     if error:
         raise rebuild(*error)

@@ -206,8 +206,9 @@ class TrainerBase(Resuming, abc.ABC):
                 self.log(f"note: checkpoint was written by {state.get('world_size')} rank(s), now "
                          f"{self.cluster.size}: data order per rank changes from here")
             self.log(f"resumed from {where} at step {step}")
-        self.broadcast_state()
-        return self.backend.broadcast_object(step)
+        with watchdog.collective("the broadcast of rank 0's model state"):  # the first large messages
+            self.broadcast_state()
+            return self.backend.broadcast_object(step)
 
     def close(self, collective: bool = True) -> None:
         """Flush metrics and release run_dir's lock; then (collective=True, the normal end) wait for

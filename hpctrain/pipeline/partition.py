@@ -296,6 +296,42 @@ def _min_max_split(n_blocks: int, n_stages: int, weight: Callable[[int, int, int
     return bounds
 
 
+def _check_args(L: int, stages, method: str, memory_cap, bandwidth, state_factor, slots) -> list[int]:
+    """partition()'s arguments checked, one error each; returns the activation slots per stage."""
+    if not isinstance(stages, int) or isinstance(stages, bool):
+        raise PartitionError(f"pipeline stages = {stages!r}: must be an integer in 1..{L}")
+    if stages < 1:
+        raise PartitionError(f"pipeline stages = {stages}: allowed 1..{L}")
+    if stages > L:
+        raise PartitionError(f"more pipeline stages ({stages}) than blocks ({L}): allowed 1..{L}")
+    if method not in PARTITION_METHODS:
+        raise PartitionError(f"unknown partition method {method!r}: allowed {', '.join(PARTITION_METHODS)}")
+    if memory_cap is not None and not (_is_num(memory_cap) and memory_cap > 0):
+        raise PartitionError(f"memory_cap = {memory_cap!r}: must be a number of bytes > 0 (or None for no cap)")
+    if bandwidth is not None and not (_is_num(bandwidth) and bandwidth > 0):
+        raise PartitionError(f"bandwidth = {bandwidth!r}: must be bytes/s > 0 (or None to ignore transfers)")
+    if not (_is_num(state_factor) and math.isfinite(state_factor) and state_factor >= 0):
+        raise PartitionError(f"state_factor = {state_factor!r}: must be a finite number >= 0")
+    slots = [1] * stages if slots is None else list(slots)
+    if len(slots) != stages:
+        raise PartitionError(f"slots has {len(slots)} entries for {stages} stages: need one per stage")
+    for s, k in enumerate(slots):
+        if not (isinstance(k, int) and not isinstance(k, bool) and k >= 1):
+            raise PartitionError(f"slots[{s}] = {k!r}: must be an integer >= 1")
+    return slots
+
+
+def _uniform_bounds(L: int, P: int) -> list[tuple[int, int]]:
+    """Equal block counts; the first L % P stages get one more."""
+    q, r = divmod(L, P)
+    bounds, a = [], 0
+    for s in range(P):
+        b = a + q + (1 if s < r else 0)
+        bounds.append((a, b))
+        a = b
+    return bounds
+
+
 def partition(costs: Sequence[LayerCost], stages: int, method: str = "time", memory_cap: float | None = None,
               bandwidth: float | None = None, slots: Sequence[int] | None = None, state_factor: float = 4.0) -> Plan:
     """Split `costs` (one per block, in order) into `stages` contiguous stages.
@@ -306,28 +342,8 @@ def partition(costs: Sequence[LayerCost], stages: int, method: str = "time", mem
     default 1. Ties: earliest cuts first (see _min_max_split).
     """
     costs = _check_costs(costs)
-    L = len(costs)
-    if not isinstance(stages, int) or isinstance(stages, bool):
-        raise PartitionError(f"pipeline stages = {stages!r}: must be an integer in 1..{L}")
-    if stages < 1:
-        raise PartitionError(f"pipeline stages = {stages}: allowed 1..{L}")
-    if stages > L:
-        raise PartitionError(f"more pipeline stages ({stages}) than blocks ({L}): allowed 1..{L}")
-    P = stages
-    if method not in PARTITION_METHODS:
-        raise PartitionError(f"unknown partition method {method!r}: allowed {', '.join(PARTITION_METHODS)}")
-    if memory_cap is not None and not (_is_num(memory_cap) and memory_cap > 0):
-        raise PartitionError(f"memory_cap = {memory_cap!r}: must be a number of bytes > 0 (or None for no cap)")
-    if bandwidth is not None and not (_is_num(bandwidth) and bandwidth > 0):
-        raise PartitionError(f"bandwidth = {bandwidth!r}: must be bytes/s > 0 (or None to ignore transfers)")
-    if not (_is_num(state_factor) and math.isfinite(state_factor) and state_factor >= 0):
-        raise PartitionError(f"state_factor = {state_factor!r}: must be a finite number >= 0")
-    slots = [1] * P if slots is None else list(slots)
-    if len(slots) != P:
-        raise PartitionError(f"slots has {len(slots)} entries for {P} stages: need one per stage")
-    for s, k in enumerate(slots):
-        if not (isinstance(k, int) and not isinstance(k, bool) and k >= 1):
-            raise PartitionError(f"slots[{s}] = {k!r}: must be an integer >= 1")
+    L, P = len(costs), stages
+    slots = _check_args(L, stages, method, memory_cap, bandwidth, state_factor, slots)
 
     # Prefix sums of integers are exact, so mem() below equals stage_memory() bit for bit.
     params, kept = [0], [0]
@@ -342,12 +358,7 @@ def partition(costs: Sequence[LayerCost], stages: int, method: str = "time", mem
         return memory_cap is None or mem(s, a, b) <= memory_cap
 
     if method == "uniform":
-        q, r = divmod(L, P)
-        bounds, a = [], 0
-        for s in range(P):
-            b = a + q + (1 if s < r else 0)
-            bounds.append((a, b))
-            a = b
+        bounds = _uniform_bounds(L, P)
         for s, (a, b) in enumerate(bounds):
             if not fits(s, a, b):
                 raise PartitionError(f"uniform split: stage {s} (blocks {a}..{b - 1}) needs {_gib(mem(s, a, b))}, "

@@ -79,7 +79,7 @@ def test_no_false_alarm_for_slow_checkpoints_and_long_evaluations(tmp_path):
 WATCHDOG = """
 import sys, time
 from hpctrain import watchdog
-w = watchdog.start({timeout}, sys.argv[1], 0, "n1")
+w = watchdog.start({timeout}, sys.argv[1], 0, "n1", startup=1.0)
 {body}
 print("survived", flush=True)
 """
@@ -95,7 +95,10 @@ print("survived", flush=True)
      "watchdog.beat(2)", False),
     # a phase longer than that fires
     ("watchdog.beat(1)\nwith watchdog.phase('checkpoint'):\n    time.sleep(4)", True),
-], ids=["silence", "slow-steps", "phases", "phase-too-long"])
+    # start-up allows 6 x 0.5 s, but rank 0 waiting in a start-up collective only startup = 1 s
+    ("time.sleep(2.0)\nwith watchdog.collective('horovod start-up'):\n    time.sleep(0.5)\nwatchdog.beat(1)", False),
+    ("with watchdog.collective('horovod start-up'):\n    time.sleep(2.5)", True),
+], ids=["silence", "slow-steps", "phases", "phase-too-long", "startup-collective", "startup-collective-too-long"])
 def test_watchdog_limits(tmp_path, body, fires):
     code = WATCHDOG.format(timeout=0.5, body=body)
     p = subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=ROOT, env=env(), capture_output=True,
@@ -103,8 +106,27 @@ def test_watchdog_limits(tmp_path, body, fires):
     if fires:
         assert p.returncode == EXIT_HANG and "survived" not in p.stdout, p.stdout + p.stderr
         assert "rank 0 on node n1: no progress for" in p.stderr and (tmp_path / "hang-0.txt").exists()
+        if "collective" in body:
+            assert "waiting in the start-up collective 'horovod start-up'" in p.stderr, p.stderr
     else:
         assert p.returncode == 0 and "survived" in p.stdout, p.stdout + p.stderr
+
+
+def test_a_peer_that_never_comes_ends_the_start_up_within_its_bound(tmp_path):
+    # Rank 1 stops itself before Python starts (a missing peer, or a transport that hangs the first collective):
+    # rank 0 waits in Horovod's start-up. The start-up allowance would be 6 x 300 s; --startup-timeout 8 ends it.
+    run_dir = tmp_path / "run"
+    stall = 'if [ "$OMPI_COMM_WORLD_RANK" = 1 ]; then kill -STOP $$; fi; exec "$@"'
+    t0 = time.monotonic()
+    job = start(2, [*TINY, "--run-dir", str(run_dir), "--startup-timeout", "8"], wrap=stall)
+    out = finish(job, 120)
+    took = time.monotonic() - t0
+    assert job.returncode == EXIT_HANG, out[-3000:]
+    assert "rank 0 on node" in out and "waiting in the start-up collective 'horovod start-up'" in out, out[-3000:]
+    assert took < 8 + 40, f"{took:.0f} s"
+    hang = json.loads((run_dir / "hang-0.json").read_text())
+    assert hang["collective"] == "horovod start-up" and hang["seconds"] >= 8
+    print(f"\nstart-up collective stall -> exit 86 after {took:.1f} s (startup timeout 8 s)", file=sys.stderr)
 
 
 def test_hang_timeout_zero_is_off_and_negative_is_refused(tmp_path):

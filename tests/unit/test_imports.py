@@ -62,3 +62,16 @@ def test_framework_neutral_modules_import_neither_torch_nor_tensorflow():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
     assert out.returncode == 0, out.stderr[-2000:]
     assert int(out.stdout.split()[-1]) == len(mods) >= 25
+
+
+def test_no_function_in_hpctrain_is_over_60_lines_without_a_reason():
+    """A longer function says why in its docstring ("Long because ...")."""
+    import ast
+    too_long = []
+    for name, path in module_names(REPO / "hpctrain").items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > 60 and "Long because" not in (ast.get_docstring(node) or ""):
+                    too_long.append(f"{name}.{node.name}: {lines} lines")
+    assert not too_long, too_long

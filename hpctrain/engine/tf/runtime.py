@@ -2,7 +2,7 @@
 of the CPU cores, mixed precision policy, seeds, backend."""
 from __future__ import annotations
 
-from hpctrain import quiet
+from hpctrain import quiet, watchdog
 from hpctrain.choices import STRATEGY_BACKENDS
 from hpctrain.cluster import ClusterEnv, visible_gpu_index
 from hpctrain.engine.runtime import Runtime, check_devices, set_library_environment, single_process_only, threads
@@ -26,7 +26,8 @@ def setup(cfg, cluster: ClusterEnv) -> Runtime:
     if cfg.run.deterministic:
         tf.config.experimental.enable_op_determinism()
     set_library_environment(cfg)
-    backend = build_backend(d, cluster, gpus)
+    with watchdog.collective(f"{d.backend} start-up"):  # Horovod init / the strategy's cluster: every rank
+        backend = build_backend(d, cluster, gpus)
     return Runtime(cluster, device, n, backend, backend.data_rank, backend.data_size,
                    local_replicas=backend.local_replicas)
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from hpctrain import watchdog
 from hpctrain.cluster import ClusterEnv, visible_gpu_index
 from hpctrain.engine.runtime import Runtime, check_devices, set_library_environment, threads
 from hpctrain.engine.torch.backends import build_backend
@@ -24,5 +25,6 @@ def setup(cfg, cluster: ClusterEnv) -> Runtime:
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
     set_library_environment(cfg)
-    backend = build_backend(d, cluster, device, cfg.pipeline.stages)
+    with watchdog.collective(f"{d.backend} start-up"):  # MPI/Horovod/torch.distributed init: every rank
+        backend = build_backend(d, cluster, device, cfg.pipeline.stages)
     return Runtime(cluster, device, n, backend, backend.data_rank, backend.data_size)
