@@ -16,7 +16,8 @@ the image's Open MPI needs settings that Apptainer's `%environment` supplies, bu
 `apply()` sets each one the environment does not already set (a site's own value wins), before any MPI library
 starts in this process, under the runtimes that HPC sites start once per rank from a host launcher
 (Charliecloud, Apptainer, enroot/pyxis). Outside an image, and under docker/podman (where the launcher runs in the
-same container as the ranks), it does nothing.
+same container as the ranks), it does nothing; nor with HPCTRAIN_IMAGE_SETTINGS=off (a site that sets its MPI
+environment itself, or to see what the runtime alone gives).
 """
 from __future__ import annotations
 
@@ -52,7 +53,7 @@ def missing(env: MutableMapping[str, str] = os.environ) -> list[str]:
 
 def apply(env: MutableMapping[str, str] = os.environ, root: str = "/") -> list[str]:
     """Inside an image started per rank: set what the environment lacks; returns the names set."""
-    if runtime(env, root) not in PER_RANK_RUNTIMES:
+    if runtime(env, root) not in PER_RANK_RUNTIMES or env.get("HPCTRAIN_IMAGE_SETTINGS") == "off":
         return []
     added = missing(env)
     for name in added:

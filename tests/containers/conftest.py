@@ -77,6 +77,33 @@ def _record(path: Path, b: rootfs.Build, took: float) -> None:
     path.write_text(json.dumps(data, indent=2) + "\n")
 
 
+def charliecloud(image: rootfs.Build | None = None) -> Path | None:
+    """Charliecloud from Debian's packages when missing (ch-run; ch-convert with mksquashfs). Given a built image:
+    its SquashFS form made by `ch-convert` (what a centre without Apptainer keeps and runs), once per built root,
+    kept beside it in the cache."""
+    _need_root()
+    missing = [pkg for pkg, tool in (("charliecloud-runtime", "ch-run"), ("charliecloud-builders", "ch-convert"),
+                                     ("squashfs-tools", "mksquashfs")) if not shutil.which(tool)]
+    if missing:
+        e = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+        subprocess.run(["apt-get", "update", "-qq"], check=True, env=e)
+        subprocess.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", *missing], check=True, env=e,
+                       stdout=subprocess.DEVNULL)
+    if image is None:
+        return None
+    squash = image.root.with_name(image.root.name + ".sqfs")
+    if not squash.exists():
+        partial = squash.with_name(squash.name + ".partial.sqfs")
+        partial.unlink(missing_ok=True)
+        t0 = time.monotonic()
+        subprocess.run(["ch-convert", "-i", "dir", "-o", "squash", str(image.root), str(partial)], check=True,
+                       env=dict(os.environ, USER="root"), capture_output=True, timeout=1800)
+        partial.rename(squash)
+        print(f"\nch-convert: {image.root.name} -> SquashFS {squash.stat().st_size / 1e9:.2f} GB in "
+              f"{time.monotonic() - t0:.0f} s", file=sys.stderr)
+    return squash
+
+
 def standin(action: str, root: Path, *args: str, opts: tuple = (), timeout: float = 300, cwd: Path = ROOT,
             env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([str(STANDIN), action, *opts, str(root), *args], capture_output=True, text=True,

@@ -229,7 +229,7 @@ def _prune(stem: str, keep: Path) -> None:
     others = sorted((p for p in CACHE.glob(f"{stem}-*") if p.is_dir() and p != keep), key=lambda p: p.stat().st_mtime)
     for old in others[:max(0, len(others) - (KEEP_ROOTS - 1))]:
         shutil.rmtree(old, ignore_errors=True)
-        for suffix in (".json", ".log"):
+        for suffix in (".json", ".log", ".sqfs"):  # .sqfs: its SquashFS form (tests/containers/conftest.charliecloud)
             old.with_name(old.name + suffix).unlink(missing_ok=True)
     for stale in CACHE.glob(f".{stem}-*.build-*"):
         shutil.rmtree(stale, ignore_errors=True)

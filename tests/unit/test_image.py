@@ -32,3 +32,8 @@ def test_apply_sets_only_what_is_missing_and_only_per_rank(tmp_path):
     (tmp_path / ".dockerenv").write_text("")
     host = {}
     assert image.apply(host, str(tmp_path)) == [] and host == {}  # docker: the launcher is in the container too
+
+
+def test_a_site_can_turn_the_image_settings_off(tmp_path):
+    env = {"CH_RUNNING": "1", "HPCTRAIN_IMAGE_SETTINGS": "off"}
+    assert image.apply(env, str(tmp_path)) == [] and "PMIX_MCA_gds" not in env
