@@ -1,14 +1,14 @@
-"""The CPU definition built for real (Debian 12 root, %post = scripts/install.sh, %test) and used the way a
-centre does: the host's mpirun starts the ranks inside the image (hybrid MPI model), they train, checkpoint,
-stop on a forwarded SIGUSR1 and resume. The image is entered through tests/containers/apptainer-standin, a
-bubblewrap stand-in for `apptainer exec` (no apptainer binary exists here): the one part not real."""
+"""The CPU definition built for real (Debian 12 root, %post = scripts/install.sh, %test), and what is Apptainer's
+own: its `%test`, `%environment` (with and without --cleanenv), `%runscript` and the options a centre's command
+lines use. These go through tests/containers/apptainer-standin, a bubblewrap stand-in for `apptainer` (no
+apptainer binary exists for Debian 12 or on PyPI): the one part here that is not the real program. Training in
+the image under a real HPC runtime (Charliecloud's ch-run, with the host's mpirun and on Slurm) is in
+test_charliecloud.py and test_image_slurm.py."""
 import json
-import shutil
-import signal
 import subprocess
 
-from tests.containers.conftest import IMAGE_PYTHON, STANDIN, image_ranks, standin
-from tests.launch import ROOT, env, finish, metrics, trained, wait_for
+from tests.containers.conftest import IMAGE_PYTHON, STANDIN, standin
+from tests.launch import ROOT, env
 
 TINY = ["--config", "configs/tiny.toml"]
 
@@ -69,36 +69,6 @@ def test_standin_refuses_what_it_cannot_do(image, tmp_path):
                         (["shell", str(image.root)], "command 'shell' is not supported")]:
         p = subprocess.run([str(STANDIN), *args], capture_output=True, text=True, timeout=30)
         assert p.returncode == 2 and p.stderr.count("\n") == 1 and words in p.stderr, (args, p.stderr)
-
-
-def test_host_mpirun_trains_in_the_image_and_resumes_after_a_forwarded_sigusr1(image, tmp_path):
-    # Hybrid model: the host's Open MPI 4.1 mpirun starts 2 ranks through the container command; their Open MPI
-    # (the image's) joins the host launcher's PMIx. SIGUSR1 to mpirun is forwarded to the container processes
-    # and by the stand-in to the ranks, which agree on a step, checkpoint and exit 85; the rerun resumes.
-    # 512 samples / 2 ranks / batch 8 = 32 steps.
-    run_dir = tmp_path / "run"
-    mpirun = [shutil.which("mpirun"), "-np", "2", "--oversubscribe", "--bind-to", "none",
-              str(STANDIN), "exec", str(image.root), "python", "-m", "hpctrain.resnet", *TINY, "--synthetic-size",
-              "512", "--preempt-check-every", "2", "--run-dir", str(run_dir)]
-    e = env()
-    e["OMP_NUM_THREADS"] = "1"
-    job = subprocess.Popen(mpirun, cwd=ROOT, env=e, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        # Both ranks run the image's python with the image's torch (not the repository's venv) and train.
-        assert wait_for(lambda: trained(run_dir, 3) and len(image_ranks(image.root, run_dir)) == 2, timeout=240), \
-            "no 2 ranks training inside the image"
-        job.send_signal(signal.SIGUSR1)
-    finally:
-        first = finish(job, timeout=240)
-    assert job.returncode == 85, first[-3000:]
-    stop = int(first.split("stopping at step ")[1].split()[0])
-    assert "checkpoint saved" in first and stop % 2 == 0 and stop < 32
-    rerun = subprocess.run(mpirun, cwd=ROOT, env=e, capture_output=True, text=True, timeout=300)
-    text = rerun.stdout + rerun.stderr
-    assert rerun.returncode == 0, text[-3000:]
-    assert f"ckpt-{stop:08d}.pt at step {stop}" in text and "done at step 32" in text
-    assert [r["step"] for r in metrics(run_dir, "train")] == list(range(1, 33))  # none lost or repeated
-    assert (run_dir / "checkpoints" / "ckpt-00000032.pt").exists()
 
 
 def test_image_python_is_not_the_hosts(image):
