@@ -6,21 +6,17 @@
 #   HPCTRAIN_STEP_TASKS  ranks of the training step (world size; empty outside a job)
 #   HPCTRAIN_EXEC        `apptainer exec [--nv] IMAGE` when an image is set, then the python command
 #                        (inside an image: the image's, `python3` unless the site file says otherwise)
-#   hpctrain_step        run the training step (`hpctrain_step -m hpctrain.resnet "$@"`): srun in the
-#                        background, signals forwarded, requeue on exit 85, relaunch in the same
-#                        allocation when a rank died (see docs/slurm.md, "In-job restart and dead ranks")
-#   hpctrain_supervise   wait for an srun step started in the background, forwarding USR1/TERM to it, and
-#                        requeue the job when the step exits with 85 (checkpoint saved on a signal)
-# Every variable can be set in the environment of sbatch; the site file only supplies defaults.
+#   hpctrain_step        the training step (`hpctrain_step -m hpctrain.resnet "$@"`), the script's LAST command:
+#                        the batch shell becomes (exec) the supervisor `python -m hpctrain.slurm supervise`
+#                        (hpctrain/slurm/supervise.py), which runs srun, forwards the job's signals, requeues
+#                        on an agreed stop and relaunches a failed step in the allocation (docs/slurm.md)
+#   hpctrain_supervise   wait for an srun step started in the background, forwarding USR1/TERM to it, then let
+#                        the supervisor requeue the job if the step stopped on a signal with a checkpoint saved
+# Every variable can be set in the environment of sbatch; the site file only supplies defaults. The
+# supervisor runs on the host's HPCTRAIN_HOST_PYTHON (python3, 3.11 or newer, of the batch shell: outside
+# any image). No exit code of hpctrain is spelt out here: the supervisor takes them from hpctrain/errors.py.
 # HPCTRAIN_DRY_RUN=1: hpctrain_step prints the srun command line it would run and returns 0 (checks a site
 # file or an image setting without a cluster: `HPCTRAIN_DRY_RUN=1 bash slurm/resnet_8node.sh ...`).
-
-# Must equal hpctrain.errors.EXIT_PREEMPTED (tests/unit/test_slurm_helper.py checks).
-HPCTRAIN_EXIT_PREEMPTED=85
-# Exit codes of hpctrain (hpctrain/errors.py) after which relaunching the step would fail the same way:
-# bad input, a checkpoint that could not be saved, a non-finite loss.
-HPCTRAIN_EXIT_NO_RESTART="2 87 88"
-HPCTRAIN_EXIT_HANG=86  # the hang watchdog of the ranks that were still alive fired
 
 hpctrain_error() { echo "hpctrain: error: $*" >&2; return 2; }
 
@@ -42,18 +38,18 @@ HPCTRAIN_APPTAINER_ARGS=${HPCTRAIN_APPTAINER_ARGS:-}
 HPCTRAIN_SRUN_MPI=${HPCTRAIN_SRUN_MPI:-pmix}
 HPCTRAIN_SRUN_EXTRA=${HPCTRAIN_SRUN_EXTRA:-}
 HPCTRAIN_PYTHON=${HPCTRAIN_PYTHON:-python3}
-HPCTRAIN_MAX_REQUEUES=${HPCTRAIN_MAX_REQUEUES:-20}
-HPCTRAIN_MAX_RESTARTS=${HPCTRAIN_MAX_RESTARTS:-2}
+HPCTRAIN_HOST_PYTHON=${HPCTRAIN_HOST_PYTHON:-python3}
 HPCTRAIN_SPARE_NODES=${HPCTRAIN_SPARE_NODES:-0}
 HPCTRAIN_DRY_RUN=${HPCTRAIN_DRY_RUN:-0}
 
 # Checked before any of them is used as a number (bash arithmetic would run $(...) in a value).
 hpctrain_whole() {  # VARIABLE [NOTE]: fails unless the variable holds a whole number
-  [[ ${!1} =~ ^[0-9]+$ ]] || hpctrain_error "$1='${!1}' is not a whole number${2:-}"
+  [[ ${!1} =~ ^[0-9]+$ ]] || hpctrain_error "$1='${!1}' is not a whole number (allowed: 0, 1, 2, ...${2:+; $2})"
 }
-hpctrain_whole HPCTRAIN_GPUS_PER_NODE " (0 = CPU mode)" || return 2
-hpctrain_whole HPCTRAIN_MAX_REQUEUES || return 2
-hpctrain_whole HPCTRAIN_MAX_RESTARTS || return 2
+hpctrain_whole HPCTRAIN_GPUS_PER_NODE "0 = CPU mode" || return 2
+# The supervisor's limits (unset or empty: its defaults, 20 requeues and 2 restarts), checked before anything runs.
+[ -z "${HPCTRAIN_MAX_REQUEUES:-}" ] || hpctrain_whole HPCTRAIN_MAX_REQUEUES || return 2
+[ -z "${HPCTRAIN_MAX_RESTARTS:-}" ] || hpctrain_whole HPCTRAIN_MAX_RESTARTS || return 2
 hpctrain_whole HPCTRAIN_SPARE_NODES || return 2
 [[ $HPCTRAIN_DRY_RUN =~ ^[01]$ ]] \
   || { hpctrain_error "HPCTRAIN_DRY_RUN='$HPCTRAIN_DRY_RUN' is not allowed (allowed: 0, 1)"; return 2; }
@@ -70,7 +66,7 @@ fi
 # --kill-on-bad-exit: a rank that dies (kill -9, segfault, a lost node's processes) makes srun end the
 # whole step at once, instead of the other ranks waiting in a collective until the time limit. srun's
 # status then is that of the worst task, often a rank it terminated itself (143), not the dead one's:
-# hpctrain_step reads srun's per-task lines to find out what happened (hpctrain_step_outcome).
+# the supervisor reads srun's per-task lines to find out what happened (hpctrain/slurm/outcome.py).
 HPCTRAIN_SRUN_ARGS=(--mpi="$HPCTRAIN_SRUN_MPI" --kill-on-bad-exit=1)
 # Spare nodes stay idle until a restart needs one in place of a node that was blamed for a failure.
 HPCTRAIN_STEP_NODES=$(( ${SLURM_JOB_NUM_NODES:-1} - HPCTRAIN_SPARE_NODES ))
@@ -116,9 +112,10 @@ if [ -n "$HPCTRAIN_IMAGE" ]; then
 fi
 HPCTRAIN_EXEC+=("$HPCTRAIN_PYTHON")
 
-# Signals: Slurm's --signal=B:USR1@lead reaches only this batch shell, scancel's SIGTERM reaches it
-# too. Record the signal now and pass it to the job step once it runs, always as SIGUSR1: srun
-# forwards SIGUSR1 to every task but ends the step on SIGTERM, and the ranks treat both alike.
+# Signals: Slurm's --signal=B:USR1@lead reaches only this batch shell, scancel's SIGTERM reaches it too.
+# Until the supervisor takes over (hpctrain_step), and while a step of your own runs (hpctrain_supervise),
+# record the signal and pass it to the job step as SIGUSR1: srun forwards SIGUSR1 to every task but ends
+# the step on SIGTERM, and the ranks treat both alike.
 HPCTRAIN_STEP_PID=
 HPCTRAIN_SIGNAL=
 hpctrain_forward() {
@@ -136,205 +133,48 @@ hpctrain_wait() {  # PID: wait until it has ended, return its status
   wait "$1"
 }
 
-hpctrain_job() {  # the id scontrol knows this job by: <array job>_<task> in job arrays
-  if [ -n "${SLURM_ARRAY_JOB_ID:-}" ]; then
-    echo "${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}"
-  else
-    echo "${SLURM_JOB_ID:-}"
+hpctrain_supervisor() {  # [exec] ARGS...: `python -m hpctrain.slurm supervise ARGS` on the host's python
+  local replace=0
+  if [ "${1:-}" = exec ]; then replace=1; shift; fi
+  command -v "$HPCTRAIN_HOST_PYTHON" >/dev/null 2>&1 \
+    || { hpctrain_error "HPCTRAIN_HOST_PYTHON='$HPCTRAIN_HOST_PYTHON' not found (allowed: a python3.11 or newer on the batch shell's PATH, or its path)"; return 2; }
+  # The repository first on PYTHONPATH for the supervisor only: it takes it off again for srun and the ranks.
+  local run=(env "HPCTRAIN_SUPERVISOR_PYTHONPATH=$HPCTRAIN_ROOT" "PYTHONPATH=$HPCTRAIN_ROOT${PYTHONPATH:+:$PYTHONPATH}"
+             "$HPCTRAIN_HOST_PYTHON" -m hpctrain.slurm supervise "$@")
+  # USR1 and TERM ignored until the supervisor's own handlers (its first action): a new process would start
+  # with a trapped signal reset to its default action, and die of a late SIGTERM of the job (scancel) or
+  # of the lead USR1 while Python starts. An ignored signal stays ignored.
+  if [ "$replace" = 1 ]; then
+    trap '' USR1 TERM
+    exec "${run[@]}"
   fi
+  ( trap '' USR1 TERM; exec "${run[@]}" )
 }
 
-hpctrain_job_state() {  # e.g. JobState=RUNNING; empty when scontrol cannot tell
-  scontrol show job "$(hpctrain_job)" 2>/dev/null | grep -o 'JobState=[A-Z_]*' | head -n 1
-}
-
-hpctrain_requeue() {  # RC (85): the step stopped on a signal with a checkpoint saved; returns the job's status
-  local rc=$1 job state
-  job=$(hpctrain_job)
-  # A plain scancel, the time limit or a preemption also send SIGTERM, but then Slurm is already
-  # ending the job (COMPLETING): requeueing would make scancel unable to stop it.
-  state=$(hpctrain_job_state)
-  if [ "$state" != "JobState=RUNNING" ]; then
-    echo "hpctrain: step stopped on a signal with a checkpoint saved (exit $rc); Slurm is ending job $job (${state:-state unknown}): not requeueing, resubmit to resume"
-    return "$rc"
-  fi
-  if [ "${SLURM_RESTART_COUNT:-0}" -ge "$HPCTRAIN_MAX_REQUEUES" ]; then
-    echo "hpctrain: step stopped on a signal (exit $rc) but job $job was already requeued ${SLURM_RESTART_COUNT} time(s) (HPCTRAIN_MAX_REQUEUES=$HPCTRAIN_MAX_REQUEUES): not requeueing"
-    return "$rc"
-  fi
-  echo "hpctrain: step stopped on a signal with a checkpoint saved (exit $rc): requeueing job $job at $(date +%T)"
-  scontrol requeue "$job" || { hpctrain_error "scontrol requeue $job failed: resubmit to resume"; return "$rc"; }
-  return 0
-}
-
-# For a batch script of your own: `srun ... & hpctrain_supervise $!`. The templates use hpctrain_step.
-hpctrain_supervise() {  # PID of the srun started in the background
+# For a batch script of your own: `srun ... & hpctrain_supervise $!` (signals forwarded, requeue on an agreed
+# stop; no relaunch in the allocation). The templates use hpctrain_step.
+hpctrain_supervise() {  # PID of the srun started in the background; returns the step's status (0 once requeued)
   HPCTRAIN_STEP_PID=$1
   [ -n "$HPCTRAIN_SIGNAL" ] && kill -s USR1 "$HPCTRAIN_STEP_PID" 2>/dev/null
   hpctrain_wait "$HPCTRAIN_STEP_PID"
   local rc=$?
   HPCTRAIN_STEP_PID=
-  if [ "$rc" -ne "$HPCTRAIN_EXIT_PREEMPTED" ]; then
-    return "$rc"
-  fi
-  hpctrain_requeue "$rc"
+  [ "$rc" -eq 0 ] && return 0
+  hpctrain_supervisor --status "$rc"
 }
 
-hpctrain_run_step() {  # LOG EXCLUDE ARGS...: one srun step, shown as usual and copied to LOG; srun's status
-  local log=$1 exclude=$2 out err tee_out tee_err rc
-  shift 2
-  local where=()
-  [ -n "$exclude" ] && where=(--exclude="$exclude")
-  : >"$log"
-  # The copies in LOG are read after the step (what failed, where, which steps were saved). The tee
-  # processes ignore the job's signals: a plain scancel sends SIGTERM to every process of the batch
-  # step, and srun would die of SIGPIPE before the ranks' last lines (the checkpoint saved) are through.
-  exec {out}> >(trap '' TERM USR1 INT; exec tee -a "$log")
-  tee_out=$!
-  exec {err}> >(trap '' TERM USR1 INT; exec tee -a "$log" >&2)
-  tee_err=$!
-  srun "${HPCTRAIN_SRUN_ARGS[@]}" "${where[@]}" "${HPCTRAIN_EXEC[@]}" "$@" >&"$out" 2>&"$err" {out}>&- {err}>&- &
-  HPCTRAIN_STEP_PID=$!
-  [ -n "$HPCTRAIN_SIGNAL" ] && kill -s USR1 "$HPCTRAIN_STEP_PID" 2>/dev/null
-  hpctrain_wait "$HPCTRAIN_STEP_PID"
-  rc=$?
-  HPCTRAIN_STEP_PID=
-  # Only srun wrote to these pipes: once it is gone and ours are closed, the tee processes end, and
-  # after them every line of the step is in LOG.
-  exec {out}>&- {err}>&-
-  hpctrain_wait "$tee_out"
-  hpctrain_wait "$tee_err"
-  return "$rc"
-}
-
-# srun reports each node's failed tasks in one line on its stderr, in the order it learnt of them, e.g.
-#   srun: error: node3: task 2: Killed
-#   srun: error: node1: tasks 0-1: Exited with exit code 85
-#   srun: error: node1: task 0: Terminated          (a rank srun itself ended: --kill-on-bad-exit)
-# The first line is the task that failed first: the others follow only once srun ends the step.
-HPCTRAIN_TASK_LINE='^srun: error: ([^: ]+): tasks? [0-9,-]+: (.*)$'
-
-hpctrain_step_outcome() {  # LOG RC: sets HPCTRAIN_CODE (what the step failed with) and HPCTRAIN_CAUSE (in words)
-  local log=$1 rc=$2 first
-  HPCTRAIN_CODE=$rc
-  HPCTRAIN_CAUSE="no failed task reported by srun"
-  first=$(grep -m 1 -E "$HPCTRAIN_TASK_LINE" "$log")
-  [[ $first =~ $HPCTRAIN_TASK_LINE ]] || return 0
-  HPCTRAIN_CAUSE=${first#srun: error: }  # e.g. "node3: task 2: Killed"
-  # The first failed task's own exit code: srun's status may be that of a rank it terminated later. So
-  # when every rank exits 85 after an agreed stop, the step counts as preempted even if srun ended rank 0
-  # on the first rank's exit 85 (--kill-on-bad-exit) and itself returned 143.
-  if [[ ${BASH_REMATCH[2]} =~ ^Exited\ with\ exit\ code\ ([0-9]+)$ ]]; then
-    HPCTRAIN_CODE=${BASH_REMATCH[1]}
-  fi
-  if [ "$HPCTRAIN_CODE" = "$HPCTRAIN_EXIT_HANG" ]; then
-    HPCTRAIN_CAUSE="hang watchdog: $HPCTRAIN_CAUSE"
-  fi
-  return 0
-}
-
-hpctrain_blame() {  # LOG CODE: prints the node(s) to blame for the failure, comma-separated; nothing if unsure
-  local log=$1 code=$2 line node status
-  if [ "$code" = "$HPCTRAIN_EXIT_HANG" ]; then
-    # Every rank whose watchdog fired printed `rank R on node NODE: no progress for ...` and exited 86; a
-    # frozen rank cannot print. So blame the step's nodes where no rank printed, when that is some but not
-    # all of them. The step's nodes are those srun reports tasks of: every task of such a step ends non-zero.
-    local step_nodes printed
-    step_nodes=$(grep -E "$HPCTRAIN_TASK_LINE" "$log" | sed -E "s/$HPCTRAIN_TASK_LINE/\\1/" | sort -u)
-    printed=$(grep -oE 'rank [0-9]+ on node [^ :]+: no progress for' "$log" | awk '{print $5}' | tr -d ':' | sort -u)
-    [ -n "$printed" ] || return 0
-    comm -23 <(echo "$step_nodes") <(echo "$printed") | paste -sd, -
-    return 0
-  fi
-  # Any other failure: the first node with a task that died by a signal or with an exit code that is not
-  # one of hpctrain's own (those are ends the ranks agreed on, not one node's fault).
-  while IFS= read -r line; do
-    [[ $line =~ $HPCTRAIN_TASK_LINE ]] || continue
-    node=${BASH_REMATCH[1]} status=${BASH_REMATCH[2]}
-    if [[ $status =~ ^Exited\ with\ exit\ code\ ([0-9]+)$ ]]; then
-      case " $HPCTRAIN_EXIT_PREEMPTED $HPCTRAIN_EXIT_HANG $HPCTRAIN_EXIT_NO_RESTART " in
-        *" ${BASH_REMATCH[1]} "*) continue ;;
-      esac
-    fi
-    echo "$node"
-    return 0
-  done < <(grep -E "$HPCTRAIN_TASK_LINE" "$log")
-}
-
-hpctrain_progress() {  # LOG: "last checkpoint step S, last trained step T, steps lost N" from the ranks' lines
-  local log=$1 saved trained lost=unknown
-  # The checkpoint this step saved last, or else the one it resumed from.
-  saved=$(sed -nE 's/.*saved checkpoint .* \(step ([0-9]+)\).*/\1/p; s/.*resumed from .* at step ([0-9]+).*/\1/p' "$log" | tail -n 1)
-  trained=$(sed -nE 's/.*\[train step ([0-9]+)\].*/\1/p' "$log" | tail -n 1)
-  if [ -n "$saved" ] && [ -n "$trained" ]; then
-    lost=$(( trained > saved ? trained - saved : 0 ))
-  fi
-  echo "last checkpoint step ${saved:-unknown}, last trained step ${trained:-unknown}, steps lost $lost"
-}
-
-hpctrain_union() {  # LIST LIST: comma-separated node lists -> their union, comma-separated
-  printf '%s\n' "$1" "$2" | tr ',' '\n' | grep -v '^$' | sort -u | paste -sd, -
-}
-
-# Runs the training step, e.g. `hpctrain_step -m hpctrain.resnet "$@"` (what follows the interpreter).
-# Exit 0: done. Exit 85 (every rank saved a checkpoint on a signal): requeue as hpctrain_supervise does.
-# Any other failure while the job is still RUNNING and no signal came: relaunch the step in this
-# allocation, at most HPCTRAIN_MAX_RESTARTS times; the ranks resume from the newest checkpoint by
-# themselves (--resume auto, same run dir). Not after 2, 87 or 88: a relaunch would fail the same way.
+# The training step, e.g. `hpctrain_step -m hpctrain.resnet "$@"` (what follows the interpreter), as the LAST
+# command of the batch script: the batch shell becomes the supervisor (exec), so the job's signals reach it
+# and its exit code is the job's. It runs srun, requeues on an agreed stop and relaunches a failed step in
+# the allocation, deciding from srun's per-task lines, the run's status (run_dir/run.json) and the ranks'
+# hang records: hpctrain/slurm/supervise.py, docs/slurm.md.
 hpctrain_step() {
-  local log rc restarts=0 excluded="" blamed blamed_all="" spare_note="" progress state wanted
   if [ "$HPCTRAIN_DRY_RUN" = 1 ]; then
     echo "hpctrain: dry run: $(printf '%q ' srun "${HPCTRAIN_SRUN_ARGS[@]}" "${HPCTRAIN_EXEC[@]}" "$@")"
     return 0
   fi
-  log=$(mktemp "${TMPDIR:-/tmp}/hpctrain-step-${SLURM_JOB_ID:-none}.XXXXXX") \
-    || { hpctrain_error "cannot create a log file in ${TMPDIR:-/tmp}"; return 2; }
-  while true; do
-    hpctrain_run_step "$log" "$excluded" "$@"
-    rc=$?
-    [ "$rc" -eq 0 ] && break
-    hpctrain_step_outcome "$log" "$rc"
-    if [ "$HPCTRAIN_CODE" = "$HPCTRAIN_EXIT_PREEMPTED" ]; then
-      hpctrain_requeue "$HPCTRAIN_CODE"
-      rc=$?
-      break
-    fi
-    rc=$HPCTRAIN_CODE
-    case " $HPCTRAIN_EXIT_NO_RESTART " in
-      *" $rc "*)
-        echo "hpctrain: step exit $rc ($HPCTRAIN_CAUSE): not restarting, a relaunch would fail the same way"
-        break ;;
-    esac
-    blamed=$(hpctrain_blame "$log" "$rc")
-    blamed_all=$(hpctrain_union "$blamed_all" "$blamed")
-    if [ -n "$HPCTRAIN_SIGNAL" ]; then
-      echo "hpctrain: step exit $rc ($HPCTRAIN_CAUSE) after SIG$HPCTRAIN_SIGNAL: not restarting"
-      break
-    fi
-    state=$(hpctrain_job_state)
-    if [ "$state" != "JobState=RUNNING" ]; then
-      echo "hpctrain: step exit $rc ($HPCTRAIN_CAUSE); Slurm is ending job $(hpctrain_job) (${state:-state unknown}): not restarting"
-      break
-    fi
-    if [ "$restarts" -ge "$HPCTRAIN_MAX_RESTARTS" ]; then
-      echo "hpctrain: giving up after $restarts restart(s) in the same allocation (HPCTRAIN_MAX_RESTARTS=$HPCTRAIN_MAX_RESTARTS): last step exit $rc ($HPCTRAIN_CAUSE); blamed node(s) ${blamed_all:-none}"
-      break
-    fi
-    # A spare node takes the place of each blamed one while spares last; without one the step restarts
-    # on the same nodes (a rank that merely crashed may well run there again).
-    spare_note=""
-    if [ -n "$blamed" ]; then
-      wanted=$(hpctrain_union "$excluded" "$blamed")
-      if [ "$(echo "$wanted" | tr ',' '\n' | wc -l)" -le "$HPCTRAIN_SPARE_NODES" ]; then
-        excluded=$wanted
-      elif [ "$HPCTRAIN_SPARE_NODES" -gt 0 ]; then
-        spare_note=" (no spare node left: HPCTRAIN_SPARE_NODES=$HPCTRAIN_SPARE_NODES)"
-      fi
-    fi
-    restarts=$(( restarts + 1 ))
-    progress=$(hpctrain_progress "$log")
-    echo "hpctrain: restart $restarts/$HPCTRAIN_MAX_RESTARTS in the same allocation: step exit $rc ($HPCTRAIN_CAUSE); blamed node(s) ${blamed:-none}; excluded ${excluded:-none}$spare_note; $progress; at $(date +%T)"
-  done
-  rm -f "$log"
-  return "$rc"
+  local args=() a
+  for a in "${HPCTRAIN_SRUN_ARGS[@]}"; do args+=("--srun-arg=$a"); done
+  [ -n "$HPCTRAIN_SIGNAL" ] && args+=("--signal=$HPCTRAIN_SIGNAL")  # came before: the supervisor passes it on
+  hpctrain_supervisor exec "${args[@]}" -- "${HPCTRAIN_EXEC[@]}" "$@"
 }

@@ -35,9 +35,9 @@
 # transfer crosses the network. With T a multiple of D a node holds T/D whole stages and the transfers
 # between those stay on the node, while the allreduce goes across nodes. The default (4 nodes x 1 rank,
 # P=2) is stage 0 on nodes 1-2 and stage 1 on nodes 3-4; with 4 GPUs per node, 16 ranks, D=8.
-# USR1, SIGTERM, exit 85, requeue and in-job restarts (hpctrain_step) as in resnet_8node.sh. Pipeline mode
-# calls mpi4py (MPI_COMM_WORLD) directly: srun must start the ranks as one MPI job (HPCTRAIN_SRUN_MPI, pmix
-# for Open MPI). See docs/slurm.md.
+# USR1, SIGTERM, exit 85, requeue and in-job restarts (hpctrain_step, the last command) as in resnet_8node.sh.
+# Pipeline mode calls mpi4py (MPI_COMM_WORLD) directly: srun must start the ranks as one MPI job
+# (HPCTRAIN_SRUN_MPI, pmix for Open MPI). See docs/slurm.md.
 
 # sbatch runs a copy of this file from its spool directory, so the repository comes from a variable.
 HPCTRAIN_ROOT=${HPCTRAIN_ROOT:-${SLURM_SUBMIT_DIR:-$PWD}}

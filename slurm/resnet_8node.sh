@@ -16,7 +16,8 @@
 # and the restarted job resumes from that checkpoint. SIGTERM (scancel): they save, and the job ends.
 # A rank that dies ends the step at once (srun --kill-on-bad-exit); the step is then relaunched in the same
 # allocation (HPCTRAIN_MAX_RESTARTS, default 2; HPCTRAIN_SPARE_NODES idle nodes can replace a blamed one)
-# and resumes from the newest checkpoint. hpctrain_step (slurm/env.sh) runs srun and does all of this.
+# and resumes from the newest checkpoint. hpctrain_step (slurm/env.sh), the last command, makes the batch
+# shell the supervisor (python -m hpctrain.slurm supervise), which runs srun and does all of this.
 # --open-mode=append keeps the output of every restart in one file. See docs/slurm.md.
 
 # sbatch runs a copy of this file from its spool directory, so the repository comes from a variable.

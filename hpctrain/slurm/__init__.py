@@ -7,6 +7,9 @@ Only the `#SBATCH` header of the template is rewritten (nodes, tasks and GPUs pe
 name, output, account/partition from the site file, the site itself via --export), so the template
 stays the single source of the job's body. Every value is checked against a strict pattern before it
 is written into a shell script; a bad one gives one line `hpctrain.slurm: error: ...` and exit 2.
+
+`python -m hpctrain.slurm supervise ...` is the other half, run inside the job: the supervisor of the
+training step (hpctrain.slurm.supervise), which the templates call through slurm/env.sh.
 """
 from __future__ import annotations
 
@@ -23,7 +26,7 @@ from pathlib import Path
 from hpctrain.errors import UserError
 
 PROG = "hpctrain.slurm"
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SLURM_DIR = ROOT / "slurm"
 TEMPLATES = {"resnet": "resnet_8node.sh", "bert": "bert_multinode.sh", "pipeline": "pipeline_hybrid.sh"}
 NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
@@ -182,6 +185,3 @@ def main(argv: list[str] | None = None) -> int:
         f.flush()
         return subprocess.run([sbatch, f.name, *train_args], env=env).returncode
 
-
-if __name__ == "__main__":
-    sys.exit(main())
