@@ -4,7 +4,8 @@
 #   HPCTRAIN_SRUN_ARGS   srun options: MPI plugin, --kill-on-bad-exit, in GPU mode one rank per GPU plus the
 #                        GPU request, and with spare nodes the step's node and task counts
 #   HPCTRAIN_STEP_TASKS  ranks of the training step (world size; empty outside a job)
-#   HPCTRAIN_EXEC        `apptainer exec [--nv] IMAGE` when an image is set, then the python command
+#   HPCTRAIN_EXEC        `apptainer exec [--nv] IMAGE` or `ch-run IMAGE --` (HPCTRAIN_CONTAINER_RUNTIME) when an
+#                        image is set, then the python command
 #                        (inside an image: the image's, `python3` unless the site file says otherwise)
 #   hpctrain_step        the training step (`hpctrain_step -m hpctrain.resnet "$@"`), the script's LAST command:
 #                        the batch shell becomes (exec) the supervisor `python -m hpctrain.slurm supervise`
@@ -33,8 +34,11 @@ echo "hpctrain: job ${SLURM_JOB_ID:-none} restart ${SLURM_RESTART_COUNT:-0} on $
 HPCTRAIN_GPUS_PER_NODE=${HPCTRAIN_GPUS_PER_NODE:-0}
 HPCTRAIN_MODULES=${HPCTRAIN_MODULES:-}
 HPCTRAIN_IMAGE=${HPCTRAIN_IMAGE:-}
+HPCTRAIN_CONTAINER_RUNTIME=${HPCTRAIN_CONTAINER_RUNTIME:-apptainer}
 HPCTRAIN_APPTAINER=${HPCTRAIN_APPTAINER:-apptainer}
 HPCTRAIN_APPTAINER_ARGS=${HPCTRAIN_APPTAINER_ARGS:-}
+HPCTRAIN_CH_RUN=${HPCTRAIN_CH_RUN:-ch-run}
+HPCTRAIN_CH_RUN_ARGS=${HPCTRAIN_CH_RUN_ARGS:-}
 HPCTRAIN_SRUN_MPI=${HPCTRAIN_SRUN_MPI:-pmix}
 HPCTRAIN_SRUN_EXTRA=${HPCTRAIN_SRUN_EXTRA:-}
 HPCTRAIN_PYTHON=${HPCTRAIN_PYTHON:-python3}
@@ -103,11 +107,26 @@ fi
 # shellcheck disable=SC2206  # extra srun options are a space-separated list on purpose
 HPCTRAIN_SRUN_ARGS+=($HPCTRAIN_SRUN_EXTRA)
 
+# The container line: one site setting picks the runtime (each rank in its own container, the hybrid MPI model).
+#   apptainer     apptainer exec [--nv] HPCTRAIN_APPTAINER_ARGS IMAGE python...   (a .sif or a sandbox directory)
+#   charliecloud  ch-run HPCTRAIN_CH_RUN_ARGS IMAGE -- python...     (a directory or SquashFS image; binds and the
+#                 working directory via -b/-c in HPCTRAIN_CH_RUN_ARGS; GPUs: the image needs the host's driver
+#                 libraries injected with ch-fromhost beforehand, there is no --nv)
+# Extra options are split on blanks only (read -a: no globbing of e.g. `--bind /data/*`).
 HPCTRAIN_EXEC=()
 if [ -n "$HPCTRAIN_IMAGE" ]; then
-  # Extra options are split on blanks only (read -a: no globbing of e.g. `--bind /data/*`).
-  read -r -a _hpctrain_args <<< "$HPCTRAIN_APPTAINER_ARGS"
-  HPCTRAIN_EXEC=("$HPCTRAIN_APPTAINER" exec "${HPCTRAIN_NV[@]}" "${_hpctrain_args[@]}" "$HPCTRAIN_IMAGE")
+  case $HPCTRAIN_CONTAINER_RUNTIME in
+    apptainer)
+      read -r -a _hpctrain_args <<< "$HPCTRAIN_APPTAINER_ARGS"
+      HPCTRAIN_EXEC=("$HPCTRAIN_APPTAINER" exec "${HPCTRAIN_NV[@]}" "${_hpctrain_args[@]}" "$HPCTRAIN_IMAGE") ;;
+    charliecloud)
+      read -r -a _hpctrain_args <<< "$HPCTRAIN_CH_RUN_ARGS"
+      export USER=${USER:-$(id -un)}  # ch-run refuses to start without it
+      HPCTRAIN_EXEC=("$HPCTRAIN_CH_RUN" "${_hpctrain_args[@]}" "$HPCTRAIN_IMAGE" --) ;;
+    *)
+      hpctrain_error "HPCTRAIN_CONTAINER_RUNTIME='$HPCTRAIN_CONTAINER_RUNTIME' is not allowed (allowed: apptainer, charliecloud)"
+      return 2 ;;
+  esac
   unset _hpctrain_args
 fi
 HPCTRAIN_EXEC+=("$HPCTRAIN_PYTHON")

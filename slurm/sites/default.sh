@@ -6,7 +6,9 @@ HPCTRAIN_ACCOUNT=${HPCTRAIN_ACCOUNT:-}              # sbatch --account (used by 
 HPCTRAIN_PARTITION=${HPCTRAIN_PARTITION:-}          # sbatch --partition (idem)
 HPCTRAIN_MODULES=${HPCTRAIN_MODULES:-}              # space-separated, passed to `module load`
 HPCTRAIN_GPUS_PER_NODE=${HPCTRAIN_GPUS_PER_NODE:-0} # 0 = CPU mode: no GPU request, no --nv
-HPCTRAIN_IMAGE=${HPCTRAIN_IMAGE:-}                  # Apptainer image (.sif); empty = run on the host
+HPCTRAIN_IMAGE=${HPCTRAIN_IMAGE:-}                  # the image (.sif, or a directory); empty = run on the host
+HPCTRAIN_CONTAINER_RUNTIME=${HPCTRAIN_CONTAINER_RUNTIME:-apptainer}  # apptainer or charliecloud (ch-run)
+HPCTRAIN_CH_RUN_ARGS=${HPCTRAIN_CH_RUN_ARGS:-}      # ch-run's binds and working directory, e.g. "-b /scratch -c /opt/hpctrain"
 HPCTRAIN_SRUN_MPI=${HPCTRAIN_SRUN_MPI:-pmix}        # srun --mpi plugin matching the MPI Horovod uses
 HPCTRAIN_PYTHON=${HPCTRAIN_PYTHON:-python3}         # interpreter with hpctrain's dependencies
 HPCTRAIN_MAX_RESTARTS=${HPCTRAIN_MAX_RESTARTS:-2}   # relaunches of a failed step in the same allocation

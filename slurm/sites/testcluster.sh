@@ -9,7 +9,12 @@ HPCTRAIN_MODULES=${HPCTRAIN_MODULES:-}
 HPCTRAIN_GPUS_PER_NODE=${HPCTRAIN_GPUS_PER_NODE:-0}
 HPCTRAIN_IMAGE=${HPCTRAIN_IMAGE:-}
 HPCTRAIN_SRUN_MPI=${HPCTRAIN_SRUN_MPI:-pmix}
-if [ -n "$HPCTRAIN_IMAGE" ]; then
+if [ -n "$HPCTRAIN_IMAGE" ] && [ "${HPCTRAIN_CONTAINER_RUNTIME:-apptainer}" = charliecloud ]; then
+  # ch-run applies no image environment: the image's venv by its path; /tmp (where the tests' run dirs live) bound
+  # in, the image's own copy of the code (configs/) as the working directory.
+  HPCTRAIN_PYTHON=${HPCTRAIN_PYTHON:-/opt/venv/bin/python}
+  HPCTRAIN_CH_RUN_ARGS=${HPCTRAIN_CH_RUN_ARGS:--b /tmp -c /opt/hpctrain}
+elif [ -n "$HPCTRAIN_IMAGE" ]; then
   HPCTRAIN_PYTHON=${HPCTRAIN_PYTHON:-python3}
 else
   HPCTRAIN_PYTHON=${HPCTRAIN_PYTHON:-$HPCTRAIN_ROOT/.venv/bin/python}

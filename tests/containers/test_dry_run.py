@@ -30,6 +30,20 @@ def test_testcluster_with_image_uses_the_apptainer_command_and_the_images_python
                    "-m", "hpctrain.resnet", "--config", "configs/tiny.toml"]
 
 
+def test_charliecloud_runtime_uses_ch_run_with_the_site_s_binds_and_the_image_s_venv(tmp_path):
+    image = tmp_path / "hpctrain-root"
+    p, cmd = dry_run("resnet_8node.sh", "--config", "configs/tiny.toml", HPCTRAIN_SITE="testcluster",
+                     HPCTRAIN_IMAGE=str(image), HPCTRAIN_CONTAINER_RUNTIME="charliecloud")
+    assert p.returncode == 0, p.stderr
+    assert cmd == ["srun", "--mpi=pmix", "--kill-on-bad-exit=1", "ch-run", "-b", "/tmp", "-c", "/opt/hpctrain",
+                   str(image), "--", "/opt/venv/bin/python", "-m", "hpctrain.resnet", "--config", "configs/tiny.toml"]
+    p, cmd = dry_run("resnet_8node.sh", HPCTRAIN_SITE="default", HPCTRAIN_IMAGE="/images/h.sqfs",
+                     HPCTRAIN_CONTAINER_RUNTIME="docker")
+    assert p.returncode == 2 and cmd == [], p.stdout
+    assert p.stderr.strip().splitlines()[-1] == ("hpctrain: error: HPCTRAIN_CONTAINER_RUNTIME='docker' is not allowed "
+                                                 "(allowed: apptainer, charliecloud)")
+
+
 def test_testcluster_without_image_runs_the_repository_venv():
     p, cmd = dry_run("resnet_8node.sh", "--max-steps", "3", HPCTRAIN_SITE="testcluster")
     assert p.returncode == 0, p.stderr

@@ -1,11 +1,11 @@
-"""The unchanged batch template on a real Slurm cluster with the image: HPCTRAIN_IMAGE = the built root
-directory (Apptainer accepts a sandbox directory as an image), HPCTRAIN_APPTAINER = the bubblewrap stand-in for
-`apptainer` (the one part that is not the real thing: no apptainer binary exists here). srun --mpi=pmix starts
-the ranks inside the image, which train, are preempted (USR1), requeue and resume."""
+"""The unchanged batch template on a real Slurm cluster with the image under a real HPC container runtime:
+HPCTRAIN_IMAGE = the built root directory, HPCTRAIN_CONTAINER_RUNTIME = charliecloud (the site setting that
+makes the template's container line `ch-run ... IMAGE --`). srun --mpi=pmix starts each rank in its own ch-run of
+the image; they train, are preempted (USR1), requeue and resume, with no MPI setting from the runtime."""
 import re
 import time
 
-from tests.containers.conftest import STANDIN, image_ranks
+from tests.containers.conftest import charliecloud, image_ranks
 from tests.launch import ROOT, metrics, trained
 from tests.slurm.conftest import diagnostics, job_info, sbatch, wait_for_job
 
@@ -14,10 +14,11 @@ TEMPLATE = str(ROOT / "slurm" / "resnet_8node.sh")
 
 def test_template_in_image_trains_is_preempted_requeues_and_resumes(image, slurm2, tmp_path):
     # 2 nodes (sbatch --nodes overrides the template's 8); 512 samples / 2 ranks / batch 8 = 32 steps.
+    charliecloud()
     run_dir, out = tmp_path / "run", tmp_path / "job.out"
     job = sbatch(slurm2, ["--nodes", "2", "--output", str(out), TEMPLATE, "--config", "configs/tiny.toml",
                           "--synthetic-size", "512", "--preempt-check-every", "2", "--run-dir", str(run_dir)],
-                 HPCTRAIN_SITE="testcluster", HPCTRAIN_IMAGE=str(image.root), HPCTRAIN_APPTAINER=str(STANDIN))
+                 HPCTRAIN_SITE="testcluster", HPCTRAIN_IMAGE=str(image.root), HPCTRAIN_CONTAINER_RUNTIME="charliecloud")
     in_image = set()
     deadline = time.monotonic() + 300
     while not (trained(run_dir, 3) and len(in_image) == 2):
@@ -32,9 +33,10 @@ def test_template_in_image_trains_is_preempted_requeues_and_resumes(image, slurm
     assert "hpctrain.resnet: slurm launcher, 2 rank(s) on 2 node(s)" in text
     stop = int(text.split("stopping at step ")[1].split()[0])
     assert 3 <= stop < 32 and stop % 2 == 0, text[-3000:]
-    expected = ["restart 0 on 2 node(s)", "batch script got SIGUSR1", f"stopping at step {stop} on SIGUSR1: checkpoint saved",
-                "exit 85 (requeue or rerun the same command to resume)", f"requeueing job {job}", "restart 1 on 2 node(s)",
-                f"ckpt-{stop:08d}.pt at step {stop}", "done at step 32"]
+    expected = ["restart 0 on 2 node(s)", "batch script got SIGUSR1",
+                f"stopping at step {stop} on SIGUSR1: checkpoint saved",
+                "exit 85 (requeue or rerun the same command to resume)", f"requeueing job {job}",
+                "restart 1 on 2 node(s)", f"ckpt-{stop:08d}.pt at step {stop}", "done at step 32"]
     positions = [text.find(e) for e in expected]
     assert all(p >= 0 for p in positions) and positions == sorted(positions), list(zip(expected, positions))
     assert [r["step"] for r in metrics(run_dir, "train")] == list(range(1, 33))  # none lost or repeated
