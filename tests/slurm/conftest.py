@@ -73,5 +73,6 @@ def wait_for_job(cluster: SlurmCluster, job: str, timeout: float, output: Path |
         if info.get("JobState") in TERMINAL:
             return info
         if time.monotonic() > deadline:
-            pytest.fail(f"job {job} still {info.get('JobState')} after {timeout:.0f} s\n" + diagnostics(cluster, output))
+            state = info.get("JobState")
+            pytest.fail(f"job {job} still {state} after {timeout:.0f} s\n" + diagnostics(cluster, output))
         time.sleep(every)

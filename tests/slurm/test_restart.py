@@ -199,7 +199,8 @@ def test_spare_node_replaces_blamed_node(slurm, tmp_path):
     t_kill = _kill(victim)
     times = _measure_restart(run_dir, [r["pid"] for r in first], t_kill, slurm, job, out)
     second = _step_ranks(run_dir, 1, 4, slurm, job, out)
-    step_nodes = _nodes(slurm, slurm.run("scontrol", "show", "step", f"{job}.1").stdout.split("NodeList=")[1].split()[0])
+    step = slurm.run("scontrol", "show", "step", f"{job}.1").stdout
+    step_nodes = _nodes(slurm, step.split("NodeList=")[1].split()[0])
     info = wait_for_job(slurm, job, timeout=300, output=out)
     text = out.read_text()
     assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "0"), diagnostics(slurm, out)

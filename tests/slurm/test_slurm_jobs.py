@@ -77,7 +77,8 @@ def test_preemption_requeues_and_resumes_exactly(slurm, tmp_path):
     stop = int(text.split("stopping at step ")[1].split()[0])
     assert 3 <= stop < 32 and stop % 10 == 0, text  # default run.preempt_check_every = 10
     expected = ["restart 0 on 2 node(s)", "batch script got SIGUSR1", "forwarding it to the job step as SIGUSR1",
-                f"stopping at step {stop} on SIGUSR1: checkpoint saved", "exit 85 (requeue or rerun the same command to resume)",
+                f"stopping at step {stop} on SIGUSR1: checkpoint saved",
+                "exit 85 (requeue or rerun the same command to resume)",
                 f"requeueing job {a}", "restart 1 on 2 node(s)", f"ckpt-{stop:08d}.pt at step {stop}",
                 "done at step 32"]
     positions = [text.find(e) for e in expected]
@@ -232,7 +233,8 @@ def test_pipeline_requeue_reuses_run_dir_and_plan(slurm, tmp_path):
         diagnostics(slurm, out)
     stop = int(text.split("stopping at step ")[1].split()[0])
     expected = ["restart 0 on 2 node(s)", f"run dir {run_dir}", "pipeline: time plan saved to", "pipeline plan (",
-                "exit 85 (requeue or rerun the same command to resume)", f"requeueing job {job}", "restart 1 on 2 node(s)", f"run dir {run_dir}",
+                "exit 85 (requeue or rerun the same command to resume)", f"requeueing job {job}",
+                "restart 1 on 2 node(s)", f"run dir {run_dir}",
                 f"pipeline: reused plan {run_dir / 'pipeline_plan.json'}", "pipeline plan (",
                 f"ckpt-{stop:08d}.pt at step {stop}", "done at step 16"]
     positions, at = [], 0
@@ -283,7 +285,8 @@ def test_tf_template_preempted_requeues_and_resumes(slurm, tmp_path, nodes, back
     assert f"{backend} backend, device CPU:0" in text
     stop = int(text.split("stopping at step ")[1].split()[0])
     assert 3 <= stop < 32 and stop % 2 == 0, text[-3000:]
-    expected = [f"stopping at step {stop} on SIGUSR1: checkpoint saved", "exit 85 (requeue or rerun the same command to resume)",
+    expected = [f"stopping at step {stop} on SIGUSR1: checkpoint saved",
+                "exit 85 (requeue or rerun the same command to resume)",
                 f"requeueing job {job}", f"restart 1 on {nodes} node(s)", f"ckpt-{stop:08d}.npz at step {stop}",
                 "done at step 32"]
     positions = [text.find(e) for e in expected]
