@@ -14,7 +14,7 @@ from typing import Protocol
 from hpctrain import watchdog
 from hpctrain.config import RunConfig
 from hpctrain.errors import NonFiniteError
-from hpctrain.metrics import MetricsLogger, Throughput
+from hpctrain.metrics import MetricsLogger, Throughput, Traffic, window_metrics
 
 
 class Engine(Protocol):
@@ -28,6 +28,7 @@ class Engine(Protocol):
     local_replicas: int       # replicas this process feeds (tf.distribute: its devices; else 1)
     has_validation: bool
     logger: MetricsLogger | None  # given by the loop; the engine logs evaluations and messages to it
+    traffic: Traffic | None   # optional: bytes this rank handed to its training collectives (None: not counted)
 
     def epoch_batches(self, epoch: int, skip_batches: int) -> Iterator: ...
     def train_step(self, micro_batches: list): ...           # -> local [loss x n, correct, n], opaque
@@ -107,7 +108,9 @@ class Window:
         e = self.engine
         rate = e.samples_per_step * self.steps / (time.perf_counter() - self.start)
         mine = rate if e.counts_samples else 0.0  # a pipeline replica's samples count once
-        loss_n, correct, n, rates = e.reduce_sum(self.stats, [mine])  # the interval's one collective
+        counter = getattr(e, "traffic", None)  # optional in the protocol
+        traffic = counter.take() if counter is not None else []
+        loss_n, correct, n, rates, *sent = e.reduce_sum(self.stats, [mine, *traffic])  # the interval's one collective
         loss = loss_n / n
         if not math.isfinite(loss):
             raise NonFiniteError(f"rank-averaged loss is {loss} at step {e.step} (steps "
@@ -115,6 +118,8 @@ class Window:
                                  "were not saved; lower --lr or check the data")
         result = {"loss": loss, "accuracy": correct / n, "lr": e.lr(e.step - 1), "epoch": epoch,
                   "samples_per_s_rank": rates / e.data_size, "samples_per_s_total": rates}
+        if sent:  # bytes per rank in the window, per step, per model average
+            result.update(window_metrics(sent, self.steps, e.data_size // e.local_replicas))
         e.logger.log(e.step, "train", result)
         e.progress(e.step)
         self.stats, self.steps, self.start = None, 0, time.perf_counter()

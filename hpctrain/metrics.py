@@ -6,6 +6,7 @@ branch on rank.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import sys
@@ -105,3 +106,55 @@ class MetricsLogger:
         if self.tb:
             self.tb.close()
         self.bar = self.jsonl = self.tb = None
+
+
+class Traffic:
+    """Bytes this rank hands to its training collectives (gradients, parameters, factors, shards), counted by the
+    backend as it hands them; `take()` returns and clears what accumulated since the last call. Bytes counted inside
+    `sync()` (a model average) are also counted as a sync. Not counted: the once-per-window metrics reduction, the
+    stop agreement, start-up and checkpoint collectives (`paused()`)."""
+
+    def __init__(self):
+        self.sent = self.sync_bytes = self.syncs = 0
+        self._in_sync = self._paused = False
+
+    def add(self, nbytes: int) -> None:
+        if self._paused:
+            return
+        self.sent += int(nbytes)
+        if self._in_sync:
+            self.sync_bytes += int(nbytes)
+
+    @contextlib.contextmanager
+    def sync(self):
+        self._in_sync = True
+        try:
+            yield
+        finally:
+            self._in_sync = False
+            if not self._paused:
+                self.syncs += 1
+
+    @contextlib.contextmanager
+    def paused(self):
+        was, self._paused = self._paused, True
+        try:
+            yield
+        finally:
+            self._paused = was
+
+    def take(self) -> list[float]:
+        """[bytes, of which in syncs, syncs] since the last call."""
+        out = [float(self.sent), float(self.sync_bytes), float(self.syncs)]
+        self.sent = self.sync_bytes = self.syncs = 0
+        return out
+
+
+def window_metrics(summed: list[float], steps: int, ranks: int) -> dict:
+    """`Traffic.take()` summed over `ranks` ranks for a window of `steps` steps -> the metrics logged per window: per
+    rank (the mean over ranks) in the window, per step, and per model average (local SGD)."""
+    sent, sync_bytes, syncs = (v / max(1, ranks) for v in summed)
+    out = {"sent_bytes": sent, "sent_bytes_per_step": sent / max(1, steps)}
+    if syncs:
+        out.update(syncs=syncs, sent_bytes_per_sync=sync_bytes / syncs)
+    return out

@@ -72,5 +72,5 @@ fi
 echo "hpctrain: pipeline $PIPELINE_STAGES stage(s) x $(( HPCTRAIN_WORLD / PIPELINE_STAGES )) replica(s) = $HPCTRAIN_WORLD ranks, run dir $RUN_DIR"
 
 hpctrain_step -m "hpctrain.$MODEL" --run-dir "$RUN_DIR" \
-  --pipeline-stages "$PIPELINE_STAGES" --micro-batches "$MICRO_BATCHES" --schedule "$SCHEDULE" \
+  --pipeline-stages "$PIPELINE_STAGES" --micro-batches "$MICRO_BATCHES" --pipeline-schedule "$SCHEDULE" \
   --partition "$PIPELINE_PARTITION" "$@"

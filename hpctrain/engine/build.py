@@ -7,6 +7,7 @@ from hpctrain import engine as engines
 from hpctrain.data.sharding import ShardedBatchSampler
 from hpctrain.engine.runtime import Runtime, open_run_dir
 from hpctrain.engine.trainer import Job, TrainerBase
+from hpctrain.sync import Policy
 
 
 def build_trainer(recipe, cfg, cluster) -> TrainerBase:
@@ -40,8 +41,10 @@ def open_data(recipe, cfg, rt: Runtime):
 
 
 def announce(trainer: TrainerBase, recipe, cfg) -> None:
-    rt, per = trainer.rt, cfg.data.batch_size
+    rt, per, policy = trainer.rt, cfg.data.batch_size, Policy.of(cfg)
+    sync = "" if policy.default else f" ({policy.describe()})"
     trainer.log(f"{recipe.prog}: {recipe.describe(cfg, trainer.data, trainer.parameter_count())}, {rt.backend.name} "
-                f"backend, device {rt.device}, {rt.threads} thread(s) per rank, {trainer.steps_per_epoch} steps/epoch, "
+                f"backend{sync}, device {rt.device}, {rt.threads} thread(s) per rank, {trainer.steps_per_epoch} "
+                f"steps/epoch, "
                 f"batch {per} per replica x {trainer.data_size} replica(s) x {trainer.micro_batches} micro-batch(es) "
                 f"= {per * trainer.data_size * trainer.micro_batches} global; {trainer.bound}")

@@ -72,6 +72,7 @@ class TrainerBase(Resuming, abc.ABC):
         self.checkpoints = CheckpointManager(Path(cfg.run.run_dir) / "checkpoints", cfg.run.keep_checkpoints,
                                              log=self.log, suffix=self.checkpoint_suffix)
         self.logger = None  # given by hpctrain.loop.train
+        self.traffic = None  # the backend's byte counter (hpctrain.metrics.Traffic) where the engine counts
         self.run_id: str | None = None  # the run this trainer continues or began (rank 0, after resume)
 
     # ---- the framework's part: hpctrain.loop's protocol --------------------------------------------------

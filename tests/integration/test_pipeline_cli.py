@@ -47,7 +47,7 @@ def test_bert_2_stages_x_2_replicas_saves_hf_model(tmp_path, small_corpus):
     run_dir = tmp_path / "run"
     out = check_ok(run("mpirun", 4, [*BERT, "--corpus", str(small_corpus), "--batch-size", "4", "--max-steps", "4",
                                      "--log-every", "2", "--run-dir", str(run_dir), "--pipeline-stages", "2",
-                                     "--micro-batches", "2", "--schedule", "gpipe", "--partition", "params"],
+                                     "--micro-batches", "2", "--pipeline-schedule", "gpipe", "--partition", "params"],
                        timeout=300))
     assert "pipeline plan (params" in out and "done at step 4" in out
     train = metrics(run_dir, "train")

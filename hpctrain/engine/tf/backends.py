@@ -6,6 +6,9 @@
     broadcast_variables(variables)     rank 0's values to every rank
     allreduce(values, op)              numpy in, numpy out (metrics, the stop flag, BN statistics)
     broadcast_object(obj), barrier(), shutdown()
+    traffic, count_step(), average_variables(variables)   what the step hands to the gradient allreduce, counted
+                                       (hpctrain.metrics.Traffic; None where not counted: tf.distribute); local
+                                       SGD's model average (hpctrain/engine/tf/sync.py): one grouped allreduce
 
 Horovod 0.28.1 and Keras 3: `hvd.DistributedGradientTape` keys gradients by `var.ref()`, which Keras 3
 variables lack (horovod #4290). Measured with benchmarks/tf_allreduce.py (TF ResNet-18, 2 ranks, 2 cores,
@@ -23,6 +26,7 @@ import numpy as np
 
 from hpctrain import quiet
 from hpctrain.engine.horovod import ObjectBroadcast, start_horovod
+from hpctrain.metrics import Traffic
 
 
 class LocalBackend:
@@ -34,6 +38,18 @@ class LocalBackend:
         self.rank, self.size = cluster.rank, cluster.size
         self.data_rank, self.data_size = cluster.rank, cluster.size
         self.local_replicas, self.replicas = 1, cluster.size  # tf.distribute: devices per process, in sync
+        self.traffic = Traffic() if self.counts_traffic else None
+        self.step_bytes = 0  # what one step's gradient allreduce hands over (set when the step is traced)
+
+    counts_traffic = True  # one process sends nothing; Horovod counts; tf.distribute's reductions are not counted
+
+    def count_step(self) -> None:
+        """A step reduced its gradients: count what the traced step hands to the allreduce."""
+        if self.traffic is not None:
+            self.traffic.add(self.step_bytes)
+
+    def average_variables(self, variables) -> None:
+        pass  # one process: its variables are the mean
 
     def scope(self):
         return contextlib.nullcontext()
@@ -83,8 +99,19 @@ class HorovodBackend(LocalBackend):
         # Embedding gradients come as IndexedSlices; densify them (Horovod's sparse_as_dense): an allgather
         # of slices costs more than the small dense tables here, and the result is an ordinary tensor.
         import tensorflow as tf
-        return [self.hvd.allreduce(tf.convert_to_tensor(g), op=self.op, compression=self.compression,
-                                   name=f"hpctrain.grad.{i}") for i, g in enumerate(grads)]
+        dense = [tf.convert_to_tensor(g) for g in grads]
+        # Runs when the step is traced: shapes are static there; count_step() adds this per step.
+        self.step_bytes = sum(int(np.prod(g.shape)) * (2 if self.cfg.fp16_allreduce else g.dtype.size) for g in dense)
+        return [self.hvd.allreduce(g, op=self.op, compression=self.compression, name=f"hpctrain.grad.{i}")
+                for i, g in enumerate(dense)]
+
+    def average_variables(self, variables) -> None:
+        """The mean over ranks of every variable, in place: one grouped allreduce (Horovod fuses it)."""
+        values = [v.value if hasattr(v, "value") else v for v in variables]
+        self.traffic.add(sum(int(np.prod(v.shape)) * v.dtype.size for v in values))
+        averaged = self.hvd.grouped_allreduce(values, op=self.hvd.Average, name="hpctrain.sync.average")
+        for v, a in zip(variables, averaged):
+            v.assign(a)
 
     def broadcast_variables(self, variables) -> None:
         # Keras 3 variables wrap a tf.Variable (`.value`); Horovod assigns to what it is given.

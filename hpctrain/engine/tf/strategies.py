@@ -35,6 +35,7 @@ from hpctrain.engine.tf.backends import LocalBackend
 class StrategyBackend(LocalBackend):
     """What both strategies share: the step under strategy.run, distributed input, host collectives."""
     collective_reads = True
+    counts_traffic = False  # the strategy's own all-reduce inside apply_gradients: not seen here
 
     def __init__(self, cfg, cluster, strategy):
         super().__init__(cfg, cluster)

@@ -7,6 +7,7 @@ broken under Horovod's Keras wrappers and tf.distribute (see the TF facts note),
 serves every backend."""
 from __future__ import annotations
 
+import functools
 import io
 import json
 
@@ -16,6 +17,7 @@ import tensorflow as tf
 
 from hpctrain import watchdog
 from hpctrain.checkpoint import tensor_mismatch
+from hpctrain.engine.tf.sync import make_sync
 from hpctrain.engine.trainer import Job, TrainerBase
 
 
@@ -44,10 +46,16 @@ class Trainer(TrainerBase):
         self.optimizer.build(model.trainable_variables)  # slots now, so resume and broadcast cover them
         self._step_fn = tf.function(lambda micro_batches: self.backend.run_step(self._step, micro_batches),
                                     jit_compile=cfg.dist.jit_compile, reduce_retracing=True)
+        self.sync = make_sync(self.backend, cfg)  # local SGD (horovod), or None: every gradient every step
+        if self.sync is not None:  # local steps: the same step, traced without the gradient allreduce
+            local = functools.partial(self._step, reduce=False)
+            self._local_fn = tf.function(lambda micro_batches: self.backend.run_step(local, micro_batches),
+                                         jit_compile=cfg.dist.jit_compile, reduce_retracing=True)
+        self.traffic = self.backend.traffic
         self._eval_fn = tf.function(self._eval, jit_compile=cfg.dist.jit_compile, reduce_retracing=True)
 
     # ---- the step ----------------------------------------------------------------------------------
-    def _step(self, micro_batches):
+    def _step(self, micro_batches, reduce: bool = True):
         variables = self.model.trainable_variables
         n = len(micro_batches)
         total, stats = None, tf.zeros(3, tf.float64)
@@ -62,7 +70,8 @@ class Trainer(TrainerBase):
             stats += batch_stats
         # Variables the loss does not reach (BERT's unused pooler) have no gradient, the same on every rank.
         pairs = [(g, v) for g, v in zip(total, variables) if g is not None]
-        reduced = self.backend.allreduce_grads([g for g, _ in pairs])
+        grads = [g for g, _ in pairs]
+        reduced = self.backend.allreduce_grads(grads) if reduce else grads
         self.optimizer.apply_gradients(zip(reduced, [v for _, v in pairs]))
         return stats
 
@@ -75,7 +84,13 @@ class Trainer(TrainerBase):
 
     def train_step(self, micro_batches):
         self.optimizer.learning_rate.assign(self.lr(self.step))
-        stats = self._step_fn(tuple(micro_batches))
+        if self.sync is None or self.sync.reduces_gradients(self.step):
+            stats = self._step_fn(tuple(micro_batches))
+            self.backend.count_step()
+        else:
+            stats = self._local_fn(tuple(micro_batches))
+        if self.sync is not None:
+            self.sync.after_step(self.model, self.step)
         self.step += 1
         return stats
 
@@ -99,6 +114,8 @@ class Trainer(TrainerBase):
         each update their own copy) so every replica evaluates and saves the same model."""
         if self.backend.size == 1 and self.backend.local_replicas == 1:
             return
+        if self.sync is not None and self.sync.settle(self.model, self.optimizer):
+            return  # local SGD: weights, moving statistics and optimizer slots averaged
         for v in self.model.non_trainable_variables:
             if "float" in str(v.dtype):
                 local = np.mean(self.backend.local_values(v), axis=0)

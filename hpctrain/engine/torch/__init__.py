@@ -1,7 +1,8 @@
 """The PyTorch engine: `setup(cfg, cluster)` and `make_trainer(...)` for hpctrain.engine.build.
 
     runtime.py        setup: device by local rank, threads, seed, backend
-    backends/         how gradients are combined (horovod, ddp, mpi, none; the pipeline's mpi4py grid)
+    backends/         how bytes move (horovod, ddp, mpi, none; the pipeline's mpi4py grid), counted
+    sync/             what crosses the network and when: allreduce, local SGD, PowerSGD, ZeRO-1 (hpctrain.sync)
     trainer.py        Trainer: the engine contract (hpctrain.engine.trainer) over a step plan
     data_parallel.py  the data-parallel step plan;  pipeline/step.py: the pipeline one
     tasks.py, util.py Classification; loaders, optimizer, batches to the device

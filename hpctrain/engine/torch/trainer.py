@@ -13,6 +13,7 @@ from hpctrain.engine.torch.data_parallel import DataParallel
 from hpctrain.engine.torch.util import autocast_factory, batches, nonfinite, to_device
 from hpctrain.engine.trainer import Job, TrainerBase
 from hpctrain.models.tasks import Classification
+from hpctrain.sync import Policy
 
 
 class Trainer(TrainerBase):
@@ -22,9 +23,11 @@ class Trainer(TrainerBase):
 
     def __init__(self, model: nn.Module | None, optimizer: torch.optim.Optimizer | None, train_loader, val_loader,
                  runtime, cfg, task=None, plan=None, job: Job | None = None):
-        self.plan = plan or DataParallel(runtime.backend, model.to(runtime.device), optimizer, cfg.dist.accumulate)
+        self.plan = plan or DataParallel(runtime.backend, model.to(runtime.device), optimizer, cfg.dist.accumulate,
+                                         Policy.of(cfg))
         super().__init__(runtime, cfg, train_loader.batch_sampler, self.plan.micro_batches, self.plan.counts_samples,
                          val_loader is not None, job)
+        self.traffic = getattr(self.plan, "traffic", None)  # the pipeline plan's stage traffic is not counted
         self.task = task or Classification(cfg.optim.label_smoothing)
         self.train_loader, self.val_loader = train_loader, val_loader
         self.autocast = autocast_factory(cfg.dist.amp, self.device)

@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from hpctrain.engine.torch.backends.base import Backend
+from hpctrain.engine.torch.backends.base import Backend, nbytes, plain_step
 
 
 def _free_port() -> int:
@@ -39,8 +39,16 @@ class DDPBackend(Backend):
 
     def wrap(self, model, optimizer):
         # DDP: buckets gradients and allreduces them during backward, like Horovod's fusion buffer.
+        return self.ddp(model), optimizer
+
+    def ddp(self, model, **options) -> DistributedDataParallel:
         ids = [self.device.index] if self.device.type == "cuda" else None
-        return DistributedDataParallel(model, device_ids=ids), optimizer
+        return DistributedDataParallel(model, device_ids=ids, **options)
+
+    def step(self, optimizer, scaler=None) -> None:
+        # What DDP's buckets handed to the allreduce in this step's backward: every gradient.
+        self.traffic.add(nbytes(p for group in optimizer.param_groups for p in group["params"] if p.requires_grad))
+        plain_step(optimizer, scaler)
 
     def unwrap(self, model):
         return model.module if isinstance(model, DistributedDataParallel) else model
@@ -60,6 +68,8 @@ class DDPBackend(Backend):
         return out / self.size if op == "mean" else out
 
     def accumulation(self, model, last: bool):
+        if self.rank == 0 and model.forward_sync_buffers and model.training:  # rank 0's buffers go out each forward
+            self.traffic.add(nbytes(model.module.buffers()))
         return super().accumulation(model, last) if last else model.no_sync()
 
     def barrier(self) -> None:
@@ -71,3 +81,21 @@ class DDPBackend(Backend):
             # loop still reads aborts the peer (SIGABRT at exit, seen once in CI after correct results).
             dist.barrier()
             dist.destroy_process_group()
+
+    # ---- the strategies' collectives (ZeRO and PowerSGD on ddp are torch's own; these serve the rest) ----------
+    def allreduce_(self, flat: torch.Tensor, op: str = "mean") -> None:
+        self.traffic.add(nbytes([flat]))
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        if op == "mean":
+            flat /= self.size
+
+    def gather_rows(self, tensor: torch.Tensor) -> torch.Tensor | None:
+        send = tensor.detach().reshape(-1).contiguous()
+        rows = [torch.empty_like(send) for _ in range(self.size)] if self.rank == 0 else None
+        dist.gather(send, rows, dst=0)
+        return torch.stack(rows) if rows is not None else None
+
+    def allgather_object(self, obj) -> list:
+        out = [None] * self.size
+        dist.all_gather_object(out, obj)
+        return out

@@ -5,7 +5,7 @@ import horovod.torch as hvd
 import torch
 
 from hpctrain.engine.horovod import ObjectBroadcast, start_horovod
-from hpctrain.engine.torch.backends.base import Backend
+from hpctrain.engine.torch.backends.base import Backend, nbytes
 
 
 class HorovodBackend(Backend):
@@ -32,6 +32,9 @@ class HorovodBackend(Backend):
         return hvd.allreduce(tensor, op=hvd.Average if op == "mean" else hvd.Sum)
 
     def step(self, optimizer, scaler=None) -> None:
+        # What the DistributedOptimizer's hooks hand to Horovod this step: every gradient (fp16 when compressed).
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
+        self.traffic.add(sum(p.numel() for p in params) * 2 if self.cfg.fp16_allreduce else nbytes(params))
         if scaler is None:
             optimizer.step()
             return
@@ -47,3 +50,29 @@ class HorovodBackend(Backend):
 
     def shutdown(self) -> None:
         hvd.shutdown()
+
+    # ---- the strategies' collectives: Horovod's own, named alike on every rank (same order, sizes in the names) ----
+    def allreduce_(self, flat: torch.Tensor, op: str = "mean") -> None:
+        self.traffic.add(nbytes([flat]))
+        hvd.allreduce_(flat, op=hvd.Average if op == "mean" else hvd.Sum, name=f"hpctrain.sync.{op}.{flat.numel()}")
+
+    def reduce_scatter(self, flat: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        self.traffic.add(nbytes([flat]))
+        mine = hvd.reducescatter(flat, op=hvd.Average, name=f"hpctrain.sync.rs.{flat.numel()}")
+        if mine.numel() != counts[self.rank]:
+            raise RuntimeError(f"Horovod's reducescatter gave rank {self.rank} {mine.numel()} elements, expected "
+                               f"{counts[self.rank]}")
+        return mine
+
+    def allgather(self, mine: torch.Tensor, counts: list[int], out: torch.Tensor | None = None) -> torch.Tensor:
+        self.traffic.add(nbytes([mine]))
+        full = hvd.allgather(mine.contiguous(), name=f"hpctrain.sync.ag.{sum(counts)}")
+        return full if out is None else out.copy_(full)
+
+    def gather_rows(self, tensor: torch.Tensor) -> torch.Tensor | None:
+        rows = hvd.allgather(tensor.detach().reshape(1, -1).contiguous(), name=f"hpctrain.rows.{tensor.numel()}")
+        return rows if self.rank == 0 else None
+
+    def allgather_object(self, obj) -> list:
+        self.objects = getattr(self, "objects", 0) + 1  # unique, equal names on every rank (as ObjectBroadcast)
+        return hvd.allgather_object(obj, name=f"hpctrain.allgather_object.{self.objects}")

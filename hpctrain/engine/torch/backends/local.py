@@ -20,3 +20,19 @@ class LocalBackend(Backend):
 
     def barrier(self) -> None:
         pass
+
+    # One rank: every collective of the strategies is the identity (nothing is sent, nothing counted).
+    def allreduce_(self, flat: torch.Tensor, op: str = "mean") -> None:
+        pass
+
+    def reduce_scatter(self, flat: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        return flat.clone()
+
+    def allgather(self, mine: torch.Tensor, counts: list[int], out: torch.Tensor | None = None) -> torch.Tensor:
+        return mine.clone() if out is None else out.copy_(mine)
+
+    def gather_rows(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.reshape(1, -1).clone()
+
+    def allgather_object(self, obj) -> list:
+        return [obj]

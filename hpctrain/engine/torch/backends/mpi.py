@@ -13,7 +13,7 @@ from mpi4py import MPI
 
 from hpctrain.config import ConfigError
 from hpctrain.engine.runtime import check_world
-from hpctrain.engine.torch.backends.base import Backend
+from hpctrain.engine.torch.backends.base import Backend, nbytes
 from hpctrain.engine.torch.pipeline.runtime import as_buffer
 from hpctrain.pipeline.transfer import bcast_from_root
 
@@ -44,6 +44,7 @@ class MPIBackend(Backend):
         if self._flat is None or self._flat.numel() != n or self._flat.dtype != grads[0].dtype:
             self._flat = torch.empty(n, dtype=grads[0].dtype)
         torch.cat([g.reshape(-1) for g in grads], out=self._flat)
+        self.traffic.add(nbytes([self._flat]))
         self.comm.Allreduce(MPI.IN_PLACE, as_buffer(self._flat), op=MPI.SUM)
         self._flat /= self.size
         offset = 0
@@ -65,3 +66,35 @@ class MPIBackend(Backend):
 
     def barrier(self) -> None:
         self.comm.Barrier()
+
+    # ---- the strategies' collectives: one MPI call each, on CPU buffers in place where MPI allows -----------
+    def allreduce_(self, flat: torch.Tensor, op: str = "mean") -> None:
+        self.traffic.add(nbytes([flat]))
+        self.comm.Allreduce(MPI.IN_PLACE, as_buffer(flat), op=MPI.SUM)
+        if op == "mean":
+            flat /= self.size
+
+    def reduce_scatter(self, flat: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        self.traffic.add(nbytes([flat]))
+        mine = torch.empty(counts[self.rank], dtype=flat.dtype)
+        self.comm.Reduce_scatter(as_buffer(flat.contiguous()), as_buffer(mine), recvcounts=counts, op=MPI.SUM)
+        return mine.div_(self.size)
+
+    def allgather(self, mine: torch.Tensor, counts: list[int], out: torch.Tensor | None = None) -> torch.Tensor:
+        """Allgatherv; when `mine` already sits at this rank's place in `out`, in place (no copy at all)."""
+        self.traffic.add(nbytes([mine]))
+        out = torch.empty(sum(counts), dtype=mine.dtype) if out is None else out
+        here = sum(counts[:self.rank]) * out.element_size()
+        in_place = counts[self.rank] > 0 and mine.data_ptr() == out.data_ptr() + here
+        send = MPI.IN_PLACE if in_place else as_buffer(mine.contiguous())
+        self.comm.Allgatherv(send, [as_buffer(out), counts])
+        return out
+
+    def gather_rows(self, tensor: torch.Tensor) -> torch.Tensor | None:
+        send = tensor.detach().reshape(-1).contiguous()
+        rows = torch.empty(self.size, send.numel(), dtype=send.dtype) if self.rank == 0 else None
+        self.comm.Gather(as_buffer(send), as_buffer(rows) if rows is not None else None, root=0)
+        return rows
+
+    def allgather_object(self, obj) -> list:
+        return self.comm.allgather(obj)

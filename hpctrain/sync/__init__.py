@@ -1,0 +1,77 @@
+"""Synchronization strategies, framework-neutral: WHAT crosses the network and WHEN. A backend decides HOW the
+bytes move (Horovod, torch.distributed, mpi4py); the per-framework parts sit beside their engine
+(hpctrain/engine/torch/sync/, hpctrain/engine/tf/sync.py). The training loop knows neither: it only reads the
+byte counter every backend fills (hpctrain.metrics.Traffic), once per log window.
+
+    allreduce   every gradient, every step (the backend's own way: Horovod hooks, DDP buckets, one MPI Allreduce)
+    local-sgd   each rank steps on its own gradients; parameters and buffers are averaged every `period` steps, after
+                `warmup` steps of gradient allreduce (post-local SGD; Lin et al., ICLR 2020). Ranks hold different
+                models between averages, so a save or an evaluation first averages them (and the optimizer state):
+                every checkpoint is one model.
+    powersgd    each gradient matrix sent as rank-r factors P and Q, with error feedback and warm start (Vogels et al.,
+                NeurIPS 2019), after `powersgd_start` steps of plain allreduce
+    zero        (with allreduce) ZeRO stage 1: the optimizer state sharded over the ranks, each updating its shard;
+                checkpoints consolidated to the whole-model format (Rajbhandari et al., SC20)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Local SGD's timing, by the 0-based index of the step being taken (torch's PostLocalSGDState and
+    PeriodicModelAverager count the same way): gradients are averaged during the first `warmup` steps; the model
+    after step `warmup` and every `period` steps after it."""
+    period: int
+    warmup: int = 0
+
+    def allreduces_gradients(self, step: int) -> bool:
+        return step < self.warmup
+
+    def averages_after(self, step: int) -> bool:
+        return step >= self.warmup and (step - self.warmup) % self.period == 0
+
+
+@dataclass(frozen=True)
+class Policy:
+    """The run's synchronization choice (config section [sync]), as the engines read it."""
+    strategy: str = "allreduce"
+    zero: bool = False
+    period: int = 4
+    warmup: int = 0
+    powersgd_rank: int = 8
+    powersgd_start: int = 10
+    error_feedback: bool = True
+    warm_start: bool = True
+
+    @classmethod
+    def of(cls, cfg) -> Policy:
+        """From a whole config (its [sync] section; a config without one syncs the default way)."""
+        s = getattr(cfg, "sync", None)
+        if s is None:
+            return cls()
+        return cls(s.strategy, s.zero, s.period, s.warmup, s.powersgd_rank, s.powersgd_start,
+                   s.powersgd_error_feedback, s.powersgd_warm_start)
+
+    @property
+    def schedule(self) -> Schedule:
+        return Schedule(self.period, self.warmup)
+
+    @property
+    def default(self) -> bool:
+        return self.strategy == "allreduce" and not self.zero
+
+    def describe(self) -> str:
+        """For the start line."""
+        if self.strategy == "local-sgd":
+            first = f" after {self.warmup} step(s) of gradient allreduce" if self.warmup else ""
+            text = f"local SGD: the model averaged every {self.period} step(s){first}"
+        elif self.strategy == "powersgd":
+            options = [name for name, on in (("error feedback", self.error_feedback),
+                                             ("warm start", self.warm_start)) if on]
+            text = (f"PowerSGD rank {self.powersgd_rank} from step {self.powersgd_start}"
+                    + (f" ({', '.join(options)})" if options else ""))
+        else:
+            text = "allreduce of every gradient"
+        return text + (", ZeRO-1 (optimizer state sharded)" if self.zero else "")
