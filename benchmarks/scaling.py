@@ -46,7 +46,12 @@ Engines (`--engines`, a comma list of names or groups; default `torch`, today's 
                          --batch-size each) and --threads n: one process cannot give each replica its own
                          1-thread pool, so its n replicas share n intra-op threads, the same n cores the n
                          ranks of the other rows get.
-  all    both groups
+  sync   the synchronization strategies (hpctrain.sync) on --backend mpi beside its plain allreduce and the ceiling:
+         hpctrain_mpi, sync_local_sgd_k4 (--sync local-sgd --sync-period 4), sync_powersgd_r8 (--sync powersgd,
+         rank 8, from step 2: the window's first 2 steps are the uncompressed start), sync_zero (--zero),
+         ceiling_no_comm. Rows of hpctrain also record sent_bytes_per_step: what the rank handed to its training
+         collectives per step over the epoch (hpctrain's own count), and sent_vs_allreduce beside hpctrain_mpi.
+  all    the torch and tf groups
 efficiency_vs_ceiling is null for TF rows: the ceiling is a torch step, so that ratio would measure the
 frameworks, not the communication. TF ratios (tf_*_vs_tf_horovod) compare the TF rows with each other.
 """
@@ -68,7 +73,13 @@ from hpctrain.models.names import BERT_SIZES  # noqa: E402  (no torch, TF or tra
 TORCH_ENGINES = ("hpctrain_horovod", "hpctrain_mpi", "hpctrain_ddp", "plain_horovod_cycle10ms", "plain_horovod_default",
                  "ceiling_no_comm")
 TF_ENGINES = ("tf_horovod", "tf_multiworker", "tf_mirrored")
-GROUPS = {"torch": TORCH_ENGINES, "tf": TF_ENGINES, "all": TORCH_ENGINES + TF_ENGINES}
+SYNC_ARGS = {"sync_local_sgd_k4": ("--sync", "local-sgd", "--sync-period", "4"),
+             "sync_powersgd_r8": ("--sync", "powersgd", "--powersgd-rank", "8", "--powersgd-start", "2"),
+             "sync_zero": ("--zero",)}
+SYNC_ENGINES = tuple(SYNC_ARGS)
+GROUPS = {"torch": TORCH_ENGINES, "tf": TF_ENGINES, "all": TORCH_ENGINES + TF_ENGINES,
+          "sync": ("hpctrain_mpi", *SYNC_ENGINES, "ceiling_no_comm")}
+MEASURED = {}  # (engine name, np) -> what hpctrain's own metrics say besides the rate (see hpctrain_rate)
 MULTIWORKER_NP1 = "MultiWorkerMirroredStrategy needs >= 2 workers here (hpctrain refuses one without a TF_CONFIG)"
 
 
@@ -101,7 +112,7 @@ def free_port_base(n: int) -> int:
 
 
 def hpctrain_rate(np_: int, a, backend: str, framework: str = "torch", replicas: int = 1, threads: int = 1,
-                  extra: tuple = ()) -> float:
+                  extra: tuple = (), row: str = "") -> float:
     """Total samples/s of `np_` processes, each with `replicas` replicas of --batch-size (mirrored: 1 process,
     n replicas). The epoch record's samples_per_s_rank is the process's own rate after 2 warm-up steps,
     counting every sample the process trains per step (hpctrain's samples_per_step = batch x micro-batches
@@ -132,6 +143,11 @@ def hpctrain_rate(np_: int, a, backend: str, framework: str = "torch", replicas:
         if not epochs:
             raise SystemExit(f"error: {data[1]} np={np_} {backend} wrote no epoch record (one epoch must be "
                              f"exactly --steps {a.steps} steps)")
+        train = [r for r in rows if r["kind"] == "train"]
+        if row and train:  # bytes handed to the collectives per step over the epoch; the mean peak RSS of a process
+            MEASURED[row, np_] = {"peak_rss_mib": max(r["peak_rss_mib"] for r in train)}
+            if all("sent_bytes" in r for r in train):
+                MEASURED[row, np_]["sent_bytes_per_step"] = sum(r["sent_bytes"] for r in train) / a.steps
         # processes move in lock-step (one reduction every step): one process's rate x processes = total
         return epochs[0]["samples_per_s_rank"] * np_
 
@@ -198,9 +214,10 @@ class BuiltinCorpus:
 def parse_engines(text: str) -> list[str]:
     names: list[str] = []
     for item in (x.strip() for x in text.split(",") if x.strip()):
-        if item not in GROUPS and item not in GROUPS["all"]:
+        known = dict.fromkeys(GROUPS["all"] + GROUPS["sync"])
+        if item not in GROUPS and item not in known:
             raise SystemExit(f"error: --engines: {item!r} is neither a group ({', '.join(GROUPS)}) "
-                             f"nor an engine ({', '.join(GROUPS['all'])})")
+                             f"nor an engine ({', '.join(known)})")
         names += [e for e in GROUPS.get(item, (item,)) if e not in names]
     if not names:
         raise SystemExit("error: --engines is empty")
@@ -227,7 +244,8 @@ def ratios(rows: list[dict], nps) -> dict:
              "hpctrain_horovod_vs_ceiling": ("hpctrain_horovod", "ceiling_no_comm"),
              "tf_multiworker_vs_tf_horovod": ("tf_multiworker", "tf_horovod"),
              "tf_mirrored_vs_tf_horovod": ("tf_mirrored", "tf_horovod"),
-             "tf_horovod_vs_hpctrain_horovod": ("tf_horovod", "hpctrain_horovod")}
+             "tf_horovod_vs_hpctrain_horovod": ("tf_horovod", "hpctrain_horovod"),
+             **{f"{e}_vs_hpctrain_mpi": (e, "hpctrain_mpi") for e in SYNC_ENGINES}}
     out = {}
     for n in nps:
         r = {k: by[x, n] / by[y, n] for k, (x, y) in pairs.items() if (x, n) in by and (y, n) in by}
@@ -240,6 +258,7 @@ def ratios(rows: list[dict], nps) -> dict:
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--max-np", type=int, default=2)
+    p.add_argument("--min-np", type=int, default=1, help="the smallest np run (efficiency needs np=1)")
     p.add_argument("--model", choices=["resnet", "bert"], default="resnet")
     p.add_argument("--arch", default="resnet18", help="resnet: architecture")
     p.add_argument("--image-size", type=int, default=64, help="resnet: image side in pixels")
@@ -254,6 +273,8 @@ def main():
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--tag", default="")
     a = p.parse_args()
+    if not 1 <= a.min_np <= a.max_np:
+        raise SystemExit(f"error: --min-np {a.min_np}: allowed 1..--max-np ({a.max_np})")
     if a.steps < 4:
         raise SystemExit(f"error: --steps {a.steps}: need at least 4 (2 are warm-up)")
     engines = parse_engines(a.engines)
@@ -267,9 +288,11 @@ def main():
 def measure(a, engines: list[str]) -> None:
     bert = a.model == "bert"
     unit = "sequences/s" if bert else "samples/s"
-    runners = {"hpctrain_horovod": lambda n: hpctrain_rate(n, a, "horovod"),
-               "hpctrain_mpi": lambda n: hpctrain_rate(n, a, "mpi"),
-               "hpctrain_ddp": lambda n: hpctrain_rate(n, a, "ddp"),
+    runners = {"hpctrain_mpi": lambda n: hpctrain_rate(n, a, "mpi", row="hpctrain_mpi"),
+               "hpctrain_horovod": lambda n: hpctrain_rate(n, a, "horovod", row="hpctrain_horovod"),
+               "hpctrain_ddp": lambda n: hpctrain_rate(n, a, "ddp", row="hpctrain_ddp"),
+               **{name: (lambda n, extra=extra, name=name: hpctrain_rate(n, a, "mpi", extra=extra, row=name))
+                  for name, extra in SYNC_ARGS.items()},
                "plain_horovod_cycle10ms": lambda n: plain_rate(n, a, {"HOROVOD_CYCLE_TIME": "10"}),
                "plain_horovod_default": lambda n: plain_rate(n, a, {}),
                "ceiling_no_comm": lambda n: plain_rate(n, a, {"HOROVOD_CYCLE_TIME": "10"}, ("--no-comm",)),
@@ -280,7 +303,7 @@ def measure(a, engines: list[str]) -> None:
                                                       extra=("--cpu-devices", str(n)))}
     threads = {"tf_mirrored": lambda n: n}  # intra-op threads of each process; 1 for all other rows
     rows = []
-    for n in range(1, a.max_np + 1):
+    for n in range(a.min_np, a.max_np + 1):
         for name in engines:
             row = {"engine": name, "np": n, "processes": 1 if name == "tf_mirrored" else n,
                    "threads_per_process": threads.get(name, lambda _: 1)(n)}
@@ -293,6 +316,11 @@ def measure(a, engines: list[str]) -> None:
             # samples_per_s_rank: per replica (n replicas in every row, also tf_mirrored's one process)
             rows.append({**row, "samples_per_s_total": total, "samples_per_s_rank": total / n})
             print(f"{name:>24} np={n}  {total:8.1f} {unit} total  {total / n:8.1f} per replica", flush=True)
+    for r in rows:
+        r.update(MEASURED.get((r["engine"], r["np"]), {}))
+        plain = MEASURED.get(("hpctrain_mpi", r["np"]), {}).get("sent_bytes_per_step")
+        if "sent_bytes_per_step" in r and r["engine"] != "hpctrain_mpi":
+            r["sent_vs_allreduce"] = r["sent_bytes_per_step"] / plain if plain else None
     base = {r["engine"]: r["samples_per_s_total"] for r in rows if r["np"] == 1}
     ceiling = {r["np"]: r["samples_per_s_total"] for r in rows if r["engine"] == "ceiling_no_comm"}
     for r in rows:
@@ -300,13 +328,13 @@ def measure(a, engines: list[str]) -> None:
         total = r["samples_per_s_total"]
         r["efficiency_baseline"] = f"{ref} np=1" if ref else None
         r["efficiency"] = total / (r["np"] * base[ref]) if total and ref else None
-        torch_row = r["engine"] in TORCH_ENGINES
+        torch_row = r["engine"] in TORCH_ENGINES + SYNC_ENGINES
         r["efficiency_vs_ceiling"] = total / ceiling[r["np"]] if total and torch_row and ceiling.get(r["np"]) else None
     for r in rows:  # say so where T(1) is another engine's
         if r["efficiency"] is not None and r["efficiency_baseline"] != f"{r['engine']} np=1":
             print(f"{r['engine']:>24} np={r['np']}  efficiency {r['efficiency']:.3f} against "
                   f"{r['efficiency_baseline']}", flush=True)
-    nps = range(1, a.max_np + 1)
+    nps = range(a.min_np, a.max_np + 1)
     if bert:
         model = {"model": "bert", "preset": a.bert_preset, "seq_len": a.seq_len, "vocab_size": a.corpus.vocab_size,
                  "samples": "sequences",

@@ -7,8 +7,10 @@ support `+`, and leave the device only in `reduce_sum`, once per log interval.""
 from __future__ import annotations
 
 import math
+import resource
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Protocol
 
 from hpctrain import watchdog
@@ -92,6 +94,20 @@ def train(engine: Engine, cfg: RunConfig, rank: int, preemption=None) -> dict:
     return result
 
 
+def peak_rss_mib() -> float:
+    """This process's peak resident memory so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def rss_mib() -> float:
+    """This process's resident memory now (what training holds, not a start-up peak); 0 where /proc is missing."""
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+    except (OSError, IndexError, ValueError):
+        return 0.0
+    return pages * resource.getpagesize() / 2**20
+
+
 class Window:
     """Training statistics since the last log line: summed locally each step, reduced once."""
 
@@ -110,14 +126,17 @@ class Window:
         mine = rate if e.counts_samples else 0.0  # a pipeline replica's samples count once
         counter = getattr(e, "traffic", None)  # optional in the protocol
         traffic = counter.take() if counter is not None else []
-        loss_n, correct, n, rates, *sent = e.reduce_sum(self.stats, [mine, *traffic])  # the interval's one collective
+        now = rss_mib()  # the kernel updates the peak lazily: it can lag the present
+        memory = [max(peak_rss_mib(), now), now, 1.0]  # summed with the processes counted: the mean of a process
+        loss_n, correct, n, rates, peak, now, processes, *sent = e.reduce_sum(self.stats, [mine, *memory, *traffic])
         loss = loss_n / n
         if not math.isfinite(loss):
             raise NonFiniteError(f"rank-averaged loss is {loss} at step {e.step} (steps "
                                  f"{e.step - self.steps + 1}..{e.step}): stopped, these weights "
                                  "were not saved; lower --lr or check the data")
         result = {"loss": loss, "accuracy": correct / n, "lr": e.lr(e.step - 1), "epoch": epoch,
-                  "samples_per_s_rank": rates / e.data_size, "samples_per_s_total": rates}
+                  "samples_per_s_rank": rates / e.data_size, "samples_per_s_total": rates,
+                  "peak_rss_mib": peak / processes, "rss_mib": now / processes}
         if sent:  # bytes per rank in the window, per step, per model average
             result.update(window_metrics(sent, self.steps, e.data_size // e.local_replicas))
         e.logger.log(e.step, "train", result)

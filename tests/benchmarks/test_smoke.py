@@ -149,3 +149,21 @@ def test_pipeline_smoke(tmp_path):
     assert "mpi" in engines, c
     assert "horovod" in engines or c["horovod_errors"], c
     assert all(_positive_finite(q["horovod_vs_mpi"]) for q in c["ratios"])
+
+
+def test_scaling_sync_smoke(tmp_path):
+    # the synchronization strategies beside plain allreduce on --backend mpi, np=2 only: the bytes each hands over
+    engines = "hpctrain_mpi,sync_local_sgd_k4,sync_powersgd_r8,sync_zero"
+    p = run("single", 1, ["benchmarks/scaling.py", "--min-np", "2", "--max-np", "2", "--image-size", "32",
+                          "--batch-size", "4", "--steps", "4", "--engines", engines, "--out", str(tmp_path)],
+            timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    rows = {r["engine"]: r for r in _result(tmp_path, "scaling")["rows"]}
+    assert set(rows) == set(engines.split(",")) and {r["np"] for r in rows.values()} == {2}
+    assert all(_positive_finite(r[k]) for r in rows.values() for k in ("samples_per_s_total", "peak_rss_mib"))
+    assert all(r["efficiency"] is None for r in rows.values())  # no np=1 row to compare with
+    sent = {e: r.get("sent_vs_allreduce") for e, r in rows.items()}
+    # 4 steps: the model averaged once (after step 1); PowerSGD's 2 uncompressed steps, then rank-8 factors;
+    # ZeRO: the reduce-scatter's input (every gradient) and this rank's half for the allgather
+    assert 0.2 < sent["sync_local_sgd_k4"] < 0.3 and 0.5 < sent["sync_powersgd_r8"] < 0.6, sent
+    assert abs(sent["sync_zero"] - 1.5) < 0.01, sent

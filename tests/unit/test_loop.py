@@ -98,6 +98,8 @@ def test_trains_to_the_end_with_one_reduction_per_log_interval(tmp_path):
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if r["kind"] == "train"] == [4, 8]
     assert [r["kind"] for r in records].count("epoch") == 2
+    # the process's peak RSS rides on the same reduction: this test process holds far more than 10 MiB
+    assert all(10 < r["rss_mib"] <= r["peak_rss_mib"] < 1e6 for r in records if r["kind"] == "train")
 
 
 def test_resumes_mid_epoch_at_the_offset_and_skips_the_seen_batches(tmp_path):
