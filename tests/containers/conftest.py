@@ -14,6 +14,7 @@ import pytest
 
 from tests.containers import rootfs
 from tests.launch import ROOT
+from tests.packages import apt_install
 from tests.slurm_cluster import SlurmCluster, ensure_installed
 
 DEFINITION = ROOT / "containers" / "hpctrain.def"
@@ -84,11 +85,7 @@ def charliecloud(image: rootfs.Build | None = None) -> Path | None:
     _need_root()
     missing = [pkg for pkg, tool in (("charliecloud-runtime", "ch-run"), ("charliecloud-builders", "ch-convert"),
                                      ("squashfs-tools", "mksquashfs")) if not shutil.which(tool)]
-    if missing:
-        e = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-        subprocess.run(["apt-get", "update", "-qq"], check=True, env=e)
-        subprocess.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", *missing], check=True, env=e,
-                       stdout=subprocess.DEVNULL)
+    apt_install(missing, "charliecloud")
     if image is None:
         return None
     squash = image.root.with_name(image.root.name + ".sqfs")

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tests.containers.deffile import Definition, DefinitionError, parse, render
+from tests.packages import apt_install
 
 ROOT = Path(__file__).resolve().parents[2]
 STANDIN = Path(__file__).with_name("apptainer-standin")
@@ -52,15 +53,7 @@ class Build:
 def ensure_tools(log=print) -> float:
     """debootstrap and bubblewrap from Debian's packages when missing; seconds spent."""
     missing = [pkg for pkg, tool in (("debootstrap", "debootstrap"), ("bubblewrap", "bwrap")) if not shutil.which(tool)]
-    if not missing:
-        return 0.0
-    t0 = time.monotonic()
-    log(f"container build: installing {' '.join(missing)} with apt-get")
-    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    subprocess.run(["apt-get", "update", "-qq"], check=True, env=env)
-    subprocess.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", *missing], check=True, env=env,
-                   stdout=subprocess.DEVNULL)
-    return time.monotonic() - t0
+    return apt_install(missing, "container build", log=log)
 
 
 def cache_key(text: str) -> str:

@@ -19,6 +19,8 @@ import subprocess
 import time
 from pathlib import Path
 
+from tests.packages import apt_install
+
 PACKAGES = ["slurmctld", "slurmd", "slurm-client", "munge", "libpmix-dev"]
 CLIENTS = ["sbatch", "scontrol", "sinfo", "scancel", "squeue", "srun"]
 
@@ -43,17 +45,7 @@ def ensure_installed(log=print) -> float:
     missing = _missing_packages()
     if not missing:
         return 0.0
-    if os.geteuid() != 0:
-        raise ClusterError(f"Slurm packages missing ({' '.join(missing)}) and not root to install them")
-    start = time.monotonic()
-    log(f"slurm_cluster: installing {' '.join(missing)}")
-    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    for cmd in (["apt-get", "update", "-qq"],
-                ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *missing]):
-        p = subprocess.run(cmd, env=env, capture_output=True, text=True)
-        if p.returncode != 0:
-            raise ClusterError(f"{' '.join(cmd)} failed (rc={p.returncode}): {p.stderr.strip()[-500:]}")
-    return time.monotonic() - start
+    return apt_install(missing, "slurm_cluster", ClusterError, log)
 
 
 def _sbin(name: str) -> str:
