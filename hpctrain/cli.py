@@ -15,7 +15,7 @@ import os
 import sys
 import time
 
-from hpctrain import image, loop, preempt, recipes, rundir, runlock, watchdog
+from hpctrain import image, loop, netiface, preempt, recipes, rundir, runlock, watchdog
 from hpctrain.cluster import ClusterEnv, detect
 from hpctrain.config import parse
 from hpctrain.engine.build import build_trainer
@@ -64,9 +64,12 @@ def main(recipe_name: str, argv: list[str] | None = None) -> int:
     try:
         cluster = detect()
         rank = cluster.rank
+        nets = netiface.apply()  # the site's interface (HPCTRAIN_NET_IFACE) for every library, before any starts
         cfg = parse(argv, prog, recipe.config_cls)
         if rank == 0:
             print(f"{prog}: {cluster.launcher} launcher, {cluster.size} rank(s) on {cluster.num_nodes} node(s)")
+            if nets.line():
+                print(f"{prog}: {nets.line()}")
             print(f"{prog}: config {json.dumps(cfg.to_dict(), sort_keys=True)}")
         preemption = preempt.Preemption().install()  # from here SIGUSR1/SIGTERM only set a flag
         watchdog.start(cfg.run.hang_timeout, cfg.run.run_dir, cluster.rank, cluster.node_name, cfg.run.startup_timeout)

@@ -13,6 +13,7 @@
 #                        on an agreed stop and relaunches a failed step in the allocation (docs/slurm.md)
 #   hpctrain_supervise   wait for an srun step started in the background, forwarding USR1/TERM to it, then let
 #                        the supervisor requeue the job if the step stopped on a signal with a checkpoint saved
+# and exports HPCTRAIN_NET_IFACE (the interface for training traffic) with Open MPI's btl/oob_tcp_if_include.
 # Every variable can be set in the environment of sbatch; the site file only supplies defaults. The
 # supervisor runs on the host's HPCTRAIN_HOST_PYTHON (python3, 3.11 or newer, of the batch shell: outside
 # any image). No exit code of hpctrain is spelt out here: the supervisor takes them from hpctrain/errors.py.
@@ -45,6 +46,7 @@ HPCTRAIN_PYTHON=${HPCTRAIN_PYTHON:-python3}
 HPCTRAIN_HOST_PYTHON=${HPCTRAIN_HOST_PYTHON:-python3}
 HPCTRAIN_SPARE_NODES=${HPCTRAIN_SPARE_NODES:-0}
 HPCTRAIN_DRY_RUN=${HPCTRAIN_DRY_RUN:-0}
+HPCTRAIN_NET_IFACE=${HPCTRAIN_NET_IFACE:-}
 
 # Checked before any of them is used as a number (bash arithmetic would run $(...) in a value).
 hpctrain_whole() {  # VARIABLE [NOTE]: fails unless the variable holds a whole number
@@ -59,6 +61,17 @@ hpctrain_whole HPCTRAIN_SPARE_NODES || return 2
   || { hpctrain_error "HPCTRAIN_DRY_RUN='$HPCTRAIN_DRY_RUN' is not allowed (allowed: 0, 1)"; return 2; }
 [[ ${SLURM_JOB_NUM_NODES:-1} =~ ^[1-9][0-9]*$ ]] \
   || { hpctrain_error "SLURM_JOB_NUM_NODES='$SLURM_JOB_NUM_NODES' is not a node count"; return 2; }
+
+# The interface for training traffic (docs/slurm.md "Network interfaces"): each rank sets every library's own
+# variable from it; Open MPI's are exported here too, for srun's and mpirun's ranks and mpirun's daemons. An
+# OMPI_MCA_* already in the environment wins.
+if [ -n "$HPCTRAIN_NET_IFACE" ]; then
+  [[ $HPCTRAIN_NET_IFACE =~ ^[A-Za-z0-9_.@:-]+(,[A-Za-z0-9_.@:-]+)*$ ]] \
+    || { hpctrain_error "HPCTRAIN_NET_IFACE='$HPCTRAIN_NET_IFACE' is not an interface name (allowed: a name like ib0, or a comma list)"; return 2; }
+  export HPCTRAIN_NET_IFACE
+  export OMPI_MCA_btl_tcp_if_include=${OMPI_MCA_btl_tcp_if_include:-$HPCTRAIN_NET_IFACE}
+  export OMPI_MCA_oob_tcp_if_include=${OMPI_MCA_oob_tcp_if_include:-$HPCTRAIN_NET_IFACE}
+fi
 
 if [ -n "$HPCTRAIN_MODULES" ]; then
   type module >/dev/null 2>&1 \

@@ -6,7 +6,7 @@ import sys
 import warnings
 from dataclasses import asdict
 
-from hpctrain import image, recipes
+from hpctrain import image, netiface, recipes
 from hpctrain.cluster import ClusterEnv, detect
 from hpctrain.doctor import checks as _registered  # noqa: F401  (importing registers every check)
 from hpctrain.doctor.common import Check, Context
@@ -112,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     cluster, notes = detect_launch()
     try:
         args = parse_args(argv)
+        netiface.apply()  # as training does: the site's interface for every library, before any starts
     except UserError as e:
         if cluster.rank == 0:
             print(f"{PROG}: error: {e}", file=sys.stderr, flush=True)

@@ -13,3 +13,4 @@ HPCTRAIN_SRUN_MPI=${HPCTRAIN_SRUN_MPI:-pmix}        # srun --mpi plugin matching
 HPCTRAIN_PYTHON=${HPCTRAIN_PYTHON:-python3}         # interpreter with hpctrain's dependencies
 HPCTRAIN_MAX_RESTARTS=${HPCTRAIN_MAX_RESTARTS:-2}   # relaunches of a failed step in the same allocation
 HPCTRAIN_SPARE_NODES=${HPCTRAIN_SPARE_NODES:-0}     # idle nodes of the job that replace blamed ones on a relaunch
+HPCTRAIN_NET_IFACE=${HPCTRAIN_NET_IFACE:-}          # interface(s) for training traffic, e.g. ib0 or eth2 (empty: each library picks)

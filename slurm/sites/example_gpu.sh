@@ -12,3 +12,4 @@ HPCTRAIN_SRUN_MPI=${HPCTRAIN_SRUN_MPI:-pmix}
 HPCTRAIN_PYTHON=${HPCTRAIN_PYTHON:-python3}         # the image's interpreter
 HPCTRAIN_MAX_RESTARTS=${HPCTRAIN_MAX_RESTARTS:-2}
 HPCTRAIN_SPARE_NODES=${HPCTRAIN_SPARE_NODES:-0}          # e.g. 1 with sbatch --nodes=9 for 8 training nodes
+HPCTRAIN_NET_IFACE=${HPCTRAIN_NET_IFACE:-}               # e.g. ib0: training traffic on the fabric, not the management Ethernet

@@ -6,6 +6,12 @@ common bridge (`hpxt-br`). Each link's rate is set per host with a `tbf` qdisc o
 sends and what it receives), and `link_down(host)` / `link_up(host)` cut and restore it: TCP streams to a
 host whose link is down freeze (sends block, no error), and continue when it comes back.
 
+With `management=True` each host also has a second interface `mgmt0` on a second private /24 (10.231.8.0/24
+by default) and a second bridge (`hpxt-brm`), shaped to `management_rate` (1 Gbit/s by default): a management
+network like real nodes have, not routed to the first (no host has a route or a gateway between the two), so
+which interface a library takes is a real question. `<name>-mgmt` resolves to a host's management address;
+the plain host name stays its eth0 address (sshd listens there only).
+
 Commands run "on" a host through `exec_prefix(name)`: inside its network namespace and a fresh UTS
 namespace holding its host name, so `hostname` says `host2` there. Host names resolve on every host
 through a per-host /etc/hosts (`/etc/netns/<ns>/hosts`, which `ip netns exec` binds over /etc/hosts for
@@ -37,6 +43,8 @@ from tests.packages import apt_install
 
 PREFIX = "hpxt"                     # every namespace, link and the bridge carry it
 BRIDGE = f"{PREFIX}-br"
+MGMT_BRIDGE = f"{PREFIX}-brm"        # the management network's bridge
+MGMT_IFACE = "mgmt0"
 NETNS_ETC = Path("/etc/netns")      # `ip netns exec NS` binds /etc/netns/NS/* over /etc/*
 SSHD_RUN_DIR = Path("/run/sshd")    # sshd's privilege separation directory, required to exist
 PACKAGES = {"sshd": "openssh-server", "ssh": "openssh-client", "ip": "iproute2", "tc": "iproute2",
@@ -135,7 +143,8 @@ class Hosts:
     """`start()` / `stop()` emulated hosts `names` on `subnet`, links at `rates` (per host; default `rate`)."""
 
     def __init__(self, base: str | os.PathLike, names=("host1", "host2"), subnet: str = "10.231.7.0/24",
-                 rate: str = "10gbit", rates: dict[str, str] | None = None, first_address: int = 11):
+                 rate: str = "10gbit", rates: dict[str, str] | None = None, first_address: int = 11,
+                 management: bool = False, management_subnet: str = "10.231.8.0/24", management_rate: str = "1gbit"):
         self.base = Path(base).resolve()
         self.names = list(names)
         self.net = ipaddress.ip_network(subnet)
@@ -144,6 +153,14 @@ class Hosts:
         hosts = list(self.net.hosts())
         self.address = {n: str(hosts[first_address - 1 + i]) for i, n in enumerate(self.names)}
         self.rate = {n: (rates or {}).get(n, rate) for n in self.names}
+        self.management = management
+        self.mgmt_net = ipaddress.ip_network(management_subnet)
+        if management and (not self.mgmt_net.is_private or self.mgmt_net.prefixlen != 24
+                           or self.mgmt_net.overlaps(self.net)):
+            raise HostsError(f"management subnet {management_subnet}: a private /24 apart from {subnet} expected")
+        mgmt_hosts = list(self.mgmt_net.hosts())
+        self.mgmt_address = {n: str(mgmt_hosts[first_address - 1 + i]) for i, n in enumerate(self.names)}
+        self.mgmt_rate = {n: management_rate for n in self.names}
         self.down: set[str] = set()
         self.ssh_key = self.base / "id_ed25519"
         self.ssh_config_file = self.base / "ssh_config"
@@ -156,6 +173,10 @@ class Hosts:
     def link(self, name: str) -> str:
         """The bridge-side end of a host's veth pair (in this namespace)."""
         return f"{PREFIX}-v{self.names.index(name) + 1}"
+
+    def mgmt_link(self, name: str) -> str:
+        """The bridge-side end of a host's management veth pair (its mgmt0 is the other end)."""
+        return f"{PREFIX}-m{self.names.index(name) + 1}"
 
     @property
     def cidr(self) -> str:
@@ -188,16 +209,18 @@ class Hosts:
         return self.run(src, ["ssh", "-F", str(self.ssh_config_file), dst, *cmd], **kw)
 
     # ---- links ---------------------------------------------------------------------------------------
-    def set_rate(self, name: str, rate: str) -> None:
-        """Shape the host's link to `rate` in both directions (tbf on the bridge side and on its eth0)."""
+    def set_rate(self, name: str, rate: str, iface: str = "eth0") -> None:
+        """Shape the host's link to `rate` in both directions (tbf on the bridge side and on its eth0, or on
+        its mgmt0 with iface="mgmt0")."""
         bits = rate_bits(rate)
         # The bucket must hold at least one timer tick of traffic at the rate, or tbf falls short of it.
         burst = f"{max(256, int(bits / 8 / 1024 / 100))}kb"
+        outside = self.link(name) if iface == "eth0" else self.mgmt_link(name)
         for where in ([], ["ip", "netns", "exec", self.ns(name)]):
-            dev = self.link(name) if not where else "eth0"
+            dev = outside if not where else iface
             _sh(*where, "tc", "qdisc", "replace", "dev", dev, "root", "tbf", "rate", rate, "burst", burst,
                 "latency", "50ms")
-        self.rate[name] = rate
+        (self.rate if iface == "eth0" else self.mgmt_rate)[name] = rate
 
     def link_down(self, name: str) -> None:
         """Cut the host off: its link to the bridge goes down (streams to and from it freeze)."""
@@ -212,10 +235,10 @@ class Hosts:
         """Set a per-namespace kernel setting on host `name` (net.ipv4.* and the like); gone with the host."""
         self.run(name, ["sysctl", "-qw", f"{key}={value}"], check=True)
 
-    def counters(self, name: str) -> dict[str, int]:
-        """Bytes the host's eth0 received and sent so far."""
-        out = self.run(name, ["cat", "/sys/class/net/eth0/statistics/rx_bytes",
-                              "/sys/class/net/eth0/statistics/tx_bytes"], check=True).stdout.split()
+    def counters(self, name: str, iface: str = "eth0") -> dict[str, int]:
+        """Bytes the host's eth0 (or `iface`, e.g. mgmt0) received and sent so far."""
+        out = self.run(name, ["cat", f"/sys/class/net/{iface}/statistics/rx_bytes",
+                              f"/sys/class/net/{iface}/statistics/tx_bytes"], check=True).stdout.split()
         return {"rx": int(out[0]), "tx": int(out[1])}
 
     # ---- lifecycle -----------------------------------------------------------------------------------
@@ -258,6 +281,20 @@ class Hosts:
             _sh("ip", "-n", ns, "link", "set", "eth0", "up")
             _sh("ip", "-n", ns, "link", "set", "lo", "up")
             self.set_rate(name, self.rate[name])
+        if self.management:
+            self._management_network()
+
+    def _management_network(self) -> None:
+        _sh("ip", "link", "add", MGMT_BRIDGE, "type", "bridge")
+        _sh("ip", "link", "set", MGMT_BRIDGE, "up")
+        for name in self.names:
+            ns, veth = self.ns(name), self.mgmt_link(name)
+            _sh("ip", "link", "add", veth, "type", "veth", "peer", "name", MGMT_IFACE, "netns", ns)
+            _sh("ip", "link", "set", veth, "master", MGMT_BRIDGE, "up")
+            _sh("ip", "-n", ns, "addr", "add", f"{self.mgmt_address[name]}/{self.mgmt_net.prefixlen}", "dev",
+                MGMT_IFACE)
+            _sh("ip", "-n", ns, "link", "set", MGMT_IFACE, "up")
+            self.set_rate(name, self.mgmt_rate[name], MGMT_IFACE)
 
     def ssh_config(self) -> str:
         return "\n".join([
@@ -282,6 +319,8 @@ class Hosts:
             NETNS_ETC.mkdir()
             (NETNS_ETC / f".{PREFIX}-created").touch()
         lines = "".join(f"{self.address[n]} {n} {TAG}\n" for n in self.names)
+        if self.management:
+            lines += "".join(f"{self.mgmt_address[n]} {n}-mgmt {TAG}\n" for n in self.names)
         machine_hosts = Path("/etc/hosts").read_text()
         for name in self.names:
             d = NETNS_ETC / self.ns(name)
@@ -367,8 +406,11 @@ class Hosts:
                 _kill(int(pid))
             _sh("ip", "netns", "del", ns, check=False)
             _sh("ip", "link", "del", self.link(name), check=False)  # gone with the namespace, unless it failed
+            if self.management:
+                _sh("ip", "link", "del", self.mgmt_link(name), check=False)
             shutil.rmtree(NETNS_ETC / ns, ignore_errors=True)
         _sh("ip", "link", "del", BRIDGE, check=False)
+        _sh("ip", "link", "del", MGMT_BRIDGE, check=False)  # whether or not this run made one: it carries our prefix
         if NETNS_ETC.is_dir():
             _rmdir_if_ours(NETNS_ETC)
         if self.created_sshd_dir and SSHD_RUN_DIR.exists() and not any(SSHD_RUN_DIR.iterdir()):

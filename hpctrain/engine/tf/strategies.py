@@ -21,11 +21,11 @@ from __future__ import annotations
 
 import contextlib
 import pickle
-import socket
 
 import numpy as np
 import tensorflow as tf
 
+from hpctrain import netiface
 from hpctrain.cluster import ClusterError, port_in_use, tf_config
 from hpctrain.config import ConfigError
 from hpctrain.engine.runtime import single_process_only
@@ -144,13 +144,14 @@ class MultiWorkerBackend(StrategyBackend):
 
 
 def mpi_hosts(cluster) -> list[str] | None:
-    """Every rank's host name, gathered over MPI when an MPI launcher started this job on several nodes
-    (Open MPI's and PMIx's variables do not name the other hosts); else None (cluster.tf_config decides)."""
+    """Every rank's host name, gathered over MPI when an MPI launcher started this job on several nodes (Open MPI's
+    and PMIx's variables do not name the other hosts); with HPCTRAIN_NET_IFACE the address of that interface
+    instead, so TF's gRPC takes it; else None (cluster.tf_config decides)."""
     if cluster.local_size == cluster.size or cluster.launcher not in ("openmpi", "pmi", "slurm"):
         return None
     with contextlib.suppress(ImportError):
         from mpi4py import MPI
         comm = MPI.COMM_WORLD
         if comm.Get_size() == cluster.size:  # srun without an MPI plugin gives singletons: use Slurm's node list
-            return comm.allgather(socket.gethostname())
+            return comm.allgather(netiface.node_address())
     return None

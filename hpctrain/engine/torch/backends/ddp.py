@@ -8,6 +8,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
+from hpctrain import netiface
 from hpctrain.engine.torch.backends.base import Backend, nbytes, plain_step
 
 
@@ -18,13 +19,14 @@ def _free_port() -> int:
 
 
 def _rendezvous(cluster) -> tuple[str, int]:
-    """torchrun names a master; otherwise rank 0 publishes its host and a free port via MPI."""
+    """torchrun names a master; otherwise rank 0 publishes its host (the address of the site's interface with
+    HPCTRAIN_NET_IFACE) and a free port via MPI."""
     if cluster.master_addr and cluster.master_port:
         return cluster.master_addr, cluster.master_port
     if cluster.size == 1:
         return "127.0.0.1", _free_port()
     from mpi4py import MPI  # only the rendezvous; training traffic goes through torch.distributed
-    mine = (cluster.master_addr or socket.gethostname(), _free_port()) if cluster.rank == 0 else None
+    mine = (cluster.master_addr or netiface.node_address(), _free_port()) if cluster.rank == 0 else None
     return MPI.COMM_WORLD.bcast(mine, root=0)
 
 
