@@ -23,7 +23,7 @@ from hpctrain.errors import EXIT_PREEMPTED, ExitError
 
 # How long a non-zero rank that hit an error waits for rank 0 to report it and for the launcher to
 # end the job, before it concludes the error was its own and prints it itself.
-PEER_REPORT_GRACE_S = 5.0
+PEER_REPORT_GRACE_S = 15.0  # rank 0 may reach the same error seconds later on a loaded node: wait it out
 
 
 def one_write_per_line() -> None:
