@@ -12,7 +12,8 @@ check that hangs, becomes a FAIL line instead of a hang (deadline.py).
     registry.py   `@check(name, order=, ranks=, min_ranks=, when=, waits=, error_fix=)`: a check is one function
     checks/       the checks, one module per topic: software (Python, PyTorch, TensorFlow, Horovod and its
                   TensorFlow ops), launchers (mpirun, srun, ctrl-c), mpi (mpi4py, ranks, mpi library),
-                  devices (gpus, tf devices), tf_config (tf config, tf port), collectives, run_dir
+                  devices (gpus, tf devices), tf_config (tf config, tf port), collectives, network
+                  (the links between the nodes), run_dir
     common.py     the per-rank Context (flags, launch, lines, facts, MPI/Horovod handles), probes
     cli.py        flags (hpctrain.oneline), the launch, run -> gather -> rank 0 reports -> shared verdict
     launch.py     the `launch:` line;  report.py  the merge and the output;  deadline.py  the --timeout

@@ -35,9 +35,15 @@ def merge(everyone: list) -> list[Check]:
 
 
 def report(ctx: Context, checks: list[Check], launch: str) -> None:
+    """The lines, each followed by its check's table rows if it left any (ctx.facts["tables"][name], indented);
+    or one JSON document, with what checks left in ctx.facts["json"] as top-level keys (the network table)."""
     if ctx.args.json:
         return say(json.dumps({"checks": [asdict(ch) for ch in checks], "launch": launch,
-                               "launcher": ctx.cluster.launcher, "ranks": ctx.cluster.size}))
+                               "launcher": ctx.cluster.launcher, "ranks": ctx.cluster.size,
+                               **ctx.facts.get("json", {})}))
+    tables = ctx.facts.get("tables", {})
     for ch in checks:
         say(ch.line())
+        for row in tables.get(ch.name, ()):
+            say(f"    {row}")
     say(f"launch: {launch}")
