@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import time
 
 from hpctrain import image, loop, netiface, preempt, recipes, rundir, runlock, watchdog
 from hpctrain.cluster import ClusterEnv, detect
@@ -37,20 +36,23 @@ def one_write_per_line() -> None:
             pass
 
 
-def report_error(prog: str, error: ExitError, rank: int | None) -> int:
+def report_error(prog: str, error: ExitError, rank: int | None, preemption=None) -> int:
     """One line for the whole job. Errors from the config, the launcher or a collective verdict are the
-    same on every rank: rank 0 prints and leaves at once; the launcher then ends the job, so the others,
-    waiting out a grace period, never print. A rank still alive after it had an error of its own (rank
-    0 did not fail), and says so."""
+    same on every rank: rank 0 prints and leaves at once; the launcher then ends the job (mpirun: SIGCONT to
+    every rank at once, SIGTERM and SIGKILL `odls_base_sigkill_timeout` seconds apart), and the others, waiting
+    for that notice, leave without a word. A rank that gets no notice within the grace period had an error of
+    its own (rank 0 did not fail), and says so."""
     if rank:
-        time.sleep(PEER_REPORT_GRACE_S)
-        print(f"{prog}: error (rank {rank}): {error}", file=sys.stderr, flush=True)
-        return error.exit_code
-    print(f"{prog}: error: {error}", file=sys.stderr, flush=True)
-    rundir.update_status(state="failed", exit_code=error.exit_code, reason=str(error))
+        if not preempt.job_ending_within(PEER_REPORT_GRACE_S, preemption):
+            print(f"{prog}: error (rank {rank}): {error}", file=sys.stderr, flush=True)
+    else:
+        print(f"{prog}: error: {error}", file=sys.stderr, flush=True)
+        rundir.update_status(state="failed", exit_code=error.exit_code, reason=str(error))
     sys.stdout.flush()
-    # Not a normal interpreter exit: Open MPI's MPI_Finalize (run at exit by mpi4py or Horovod) waits
-    # for the other ranks, which are waiting out their grace period, and they would then print too.
+    sys.stderr.flush()
+    # Not a normal interpreter exit: Open MPI's MPI_Finalize (run at exit by mpi4py or Horovod) waits for the
+    # other ranks: rank 0's would make the others wait out their grace period and print too; theirs would wait
+    # for a rank 0 that is gone until the launcher's SIGKILL.
     runlock.release_all()
     os._exit(error.exit_code)
 
@@ -58,9 +60,10 @@ def report_error(prog: str, error: ExitError, rank: int | None) -> int:
 def main(recipe_name: str, argv: list[str] | None = None) -> int:
     """`python -m hpctrain.<recipe_name>`: the whole run, returning the exit code."""
     one_write_per_line()
+    preempt.watch_for_job_end()  # a launcher's notice that another rank failed first (see report_error)
     image.apply()  # inside a container: the MPI settings its runtime may not have set, before any MPI starts
     recipe = recipes.get(recipe_name)
-    prog, rank, trainer, closed = recipe.prog, None, None, False
+    prog, rank, trainer, closed, preemption = recipe.prog, None, None, False, None
     try:
         cluster = detect()
         rank = cluster.rank
@@ -88,7 +91,7 @@ def main(recipe_name: str, argv: list[str] | None = None) -> int:
         watchdog.stop()
         return code
     except ExitError as e:
-        return report_error(prog, e, rank)
+        return report_error(prog, e, rank, preemption)
     except BaseException as e:  # a crash (exit 1, its traceback follows): the run's status says so
         rundir.update_status(state="failed", exit_code=1, reason=f"{type(e).__name__}: {e}".splitlines()[0])
         raise

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 from collections.abc import Callable
 
 from hpctrain.errors import EXIT_ABORTED
@@ -33,6 +34,34 @@ from hpctrain.errors import EXIT_ABORTED
 SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT, signal.SIGCONT)
 REASONS = {signal.SIGINT: "SIGINT (Ctrl-C)",
            signal.SIGCONT: "SIGCONT from the launcher (Ctrl-C on mpirun, or the job is ending)"}
+
+
+ENDING = (signal.SIGCONT, signal.SIGTERM)  # the launcher's notices that the job is ending
+_job_ending = threading.Event()
+
+
+def _note_job_ending(signum, frame) -> None:
+    _job_ending.set()
+
+
+def watch_for_job_end() -> None:
+    """From a rank's start until `Preemption.install` takes the signal over: note a SIGCONT, the launcher's first
+    notice that the job is ending (mpirun sends it to every rank as soon as one has failed, SIGTERM follows
+    `odls_base_sigkill_timeout` seconds later). SIGTERM keeps its default until then: it ends the process."""
+    signal.signal(signal.SIGCONT, _note_job_ending)
+
+
+def job_ending_within(seconds: float, preemption: Preemption | None = None) -> bool:
+    """Whether the launcher has begun, or begins within `seconds`, to end the job (SIGCONT or SIGTERM): another
+    rank failed first. How a rank with an error learns, without a collective, that rank 0 has reported one."""
+    if preemption is not None and any(s in ENDING for s in preemption.received):
+        return True
+    try:
+        for s in ENDING:
+            signal.signal(s, _note_job_ending)
+    except ValueError:  # not the main thread: only what was noted so far counts
+        return _job_ending.is_set()
+    return _job_ending.wait(seconds)
 
 
 def agree(local: bool, combine: Callable[[int], float]) -> bool:

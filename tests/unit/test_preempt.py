@@ -223,3 +223,29 @@ def test_ctrl_z_then_fg_is_no_stop_request_and_a_second_ctrl_c_ends_at_once():
     finally:
         child.kill()
         child.wait()
+
+
+def test_job_ending_notice_keeps_a_failed_rank_quiet():
+    # A rank with an error waits for the launcher's notice that another rank failed first: a SIGCONT noted any
+    # time since start (mpirun sends it at once), a SIGTERM while waiting; nothing within the grace: False.
+    code = """
+import os, signal, threading, time
+from hpctrain import preempt
+preempt.watch_for_job_end()
+t0 = time.monotonic()
+print(preempt.job_ending_within(0.3), round(time.monotonic() - t0, 1))
+os.kill(os.getpid(), signal.SIGCONT)  # before the wait: noted
+t0 = time.monotonic()
+print(preempt.job_ending_within(5), round(time.monotonic() - t0, 1))
+"""
+    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env(), capture_output=True, text=True, timeout=60)
+    assert p.stdout.split() == ["False", "0.3", "True", "0.0"], p.stdout + p.stderr
+    code = """
+import os, signal, threading, time
+from hpctrain import preempt
+threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGTERM)).start()  # during the wait: noted, not fatal
+t0 = time.monotonic()
+print(preempt.job_ending_within(10), round(time.monotonic() - t0))
+"""
+    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env(), capture_output=True, text=True, timeout=60)
+    assert p.stdout.split() == ["True", "1"] or p.stdout.split() == ["True", "0"], p.stdout + p.stderr
