@@ -7,7 +7,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export OMPI_ALLOW_RUN_AS_ROOT := 1
 export OMPI_ALLOW_RUN_AS_ROOT_CONFIRM := 1
 
-.PHONY: install demo demo-tf demo-bert lint check test test-unit test-latest lock clean container-check
+.PHONY: install demo demo-tf demo-bert lint check test test-acceptance test-unit test-latest lock clean container-check
 
 install:
 	@bash scripts/install.sh
@@ -38,9 +38,14 @@ lint: install
 check: lint
 	$(PY) -m pytest -ra -m unit tests/unit $(PYTEST_ARGS)
 
-# Everything: lint, then every tier (unit, mpi, tf, slurm, container, benchmark); what CI runs.
+# Everything but the acceptance trainings: lint, then every tier (unit, mpi, tf, slurm, container, benchmark,
+# network); what CI runs.
 test: lint
-	$(PY) -m pytest -ra tests $(PYTEST_ARGS)
+	$(PY) -m pytest -ra -m "not acceptance" tests $(PYTEST_ARGS)
+
+# The full demo trainings to their accuracy targets (each synchronization strategy preempted, resumed, >= 85 %).
+test-acceptance: install
+	$(PY) -m pytest -ra -m acceptance tests $(PYTEST_ARGS)
 
 test-unit: check
 

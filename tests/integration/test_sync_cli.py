@@ -17,6 +17,7 @@ STEPS = 156  # 10,000 shapes / (2 ranks x 32)
 RESNET18_BYTES = 11_181_642 * 4  # the float32 parameters of ResNet-18 with 10 classes: what allreduce sends per step
 
 
+@pytest.mark.acceptance  # three demo trainings, ~2 min each on 2 cores: make test-acceptance
 @pytest.mark.parametrize("strategy, backend", [(["--sync", "local-sgd"], "horovod"), (["--sync", "powersgd"], "ddp"),
                                                (["--zero"], "mpi")], ids=["local-sgd", "powersgd", "zero"])
 def test_demo_preempted_resumed_and_accurate(tmp_path, strategy, backend, record_property):
