@@ -64,7 +64,7 @@ ERRORS = [
     ("single", ["--backend", "multiworker"], None, "one worker and no TF_CONFIG; launch one process per node or GPU"),
     ("single", ["--backend", "multiworker"], BAD_TF_CONFIG, "TF_CONFIG: not JSON"),
     ("mpirun", ["--backend", "multiworker"], THREE_WORKERS, "TF_CONFIG: task is rank 0 of 3"),
-    ("mpirun", ["--backend", "mirrored"], None, "'mirrored' runs one process over its local devices"),
+    ("mpirun", ["--backend", "mirrored"], None, "'mirrored' runs one process, but the launcher started 2 ranks"),
     ("mpirun", ["--backend", "multiworker", "--port-base", "PORT"], None, "port PORT of worker 0 (localhost) is "
                                                                           "already in use; move the workers' ports "
                                                                           "with --port-base"),
