@@ -129,10 +129,11 @@ class Watchdog:
             now, now_cpu = time.monotonic(), time.process_time()
             gap, used = now - woke, now_cpu - cpu
             woke, cpu = now, now_cpu
-            if gap > 2 * poll + 2.0 and used < 0.05 * gap:
-                # Late and no CPU time used meanwhile: this whole process was stopped (SIGSTOP, a frozen
-                # VM), not merely kept from the GIL by a busy main thread. The hang was ours and the
-                # healthy ranks report it: do not count our own pause, say we were stopped.
+            if gap > 2 * poll + 2.0 and used < 0.5 * gap:
+                # Late and little CPU time used meanwhile (what the threads used in the last poll before a
+                # stop can be a good part of a short gap): this whole process was stopped (SIGSTOP, a frozen
+                # VM), not merely kept from the GIL by a busy main thread, which uses the whole gap. The hang was
+                # ours and the healthy ranks report it: do not count our own pause, say we were stopped.
                 self.last += gap
                 when = f"after step {self.step}" if self.step is not None else "before its first step"
                 sys.stderr.write(f"hpctrain: rank {self.rank} on node {self.node}: this process was stopped for "

@@ -204,8 +204,10 @@ for line in sys.stdin:
 
 
 def test_ctrl_z_then_fg_is_no_stop_request_and_a_second_ctrl_c_ends_at_once():
+    # Its own process group under this session, as a shell's job: the kernel drops a stop signal's default
+    # action in an orphaned group (a test run started detached from its terminal would be one).
     child = subprocess.Popen([sys.executable, "-c", JOB_CONTROL], cwd=ROOT, env=env(), stdin=subprocess.PIPE,
-                             stdout=subprocess.PIPE, text=True)
+                             stdout=subprocess.PIPE, text=True, process_group=0)
     try:
         assert child.stdout.readline().strip() == "ready"
         child.send_signal(signal.SIGTSTP)  # what mpirun forwards on Ctrl-Z: the child stops itself
