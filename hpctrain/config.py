@@ -168,7 +168,9 @@ class SyncConfig:
     strategy: str = opt("allreduce", "allreduce (every gradient, every step), local-sgd (each rank steps alone, the "
                                      "model is averaged every --sync-period steps after --sync-warmup steps of "
                                      "allreduce; Lin et al.), powersgd (rank --powersgd-rank factors of each gradient "
-                                     "matrix; Vogels et al.; PyTorch)", choices=list(C.SYNC_STRATEGIES), flag="--sync")
+                                     "matrix; Vogels et al.; PyTorch), gossip (each rank mixes its model with "
+                                     "--gossip-graph peers each step, no global collective; PyTorch, over MPI)",
+                        choices=list(C.SYNC_STRATEGIES), flag="--sync")
     period: int = opt(4, "--sync local-sgd: average parameters and buffers every K steps", flag="--sync-period",
                       minimum=1)
     warmup: int = opt(0, "--sync local-sgd: steps of plain gradient allreduce before the local steps begin "
@@ -182,6 +184,8 @@ class SyncConfig:
                                               "gradient (kept in checkpoints)")
     powersgd_warm_start: bool = opt(True, "--sync powersgd: start each step's power iteration from the last Q "
                                           "(kept in checkpoints)")
+    gossip_graph: str = opt("exponential", "--sync gossip: exponential (one peer 2^k ranks on, k cycling; SGP) or "
+                                           "ring (both neighbours every step)", choices=list(C.GOSSIP_GRAPHS))
     zero: bool = opt(False, "ZeRO stage 1: shard the optimizer state over the data-parallel ranks (PyTorch, --sync "
                             "allreduce); checkpoints stay whole-model", flag="--zero")
 

@@ -108,6 +108,12 @@ class MetricsLogger:
         self.bar = self.jsonl = self.tb = None
 
 
+# The spread of the models where ranks train apart (gossip): the L2 distance from this rank's parameters to
+#   peer_distance       the peer's it mixed with (every step, free: both are at hand)
+#   consensus_distance  the average over ranks, at a save or an evaluation (where the ranks are averaged anyway)
+DISTANCES = ("peer_distance", "consensus_distance")
+
+
 class Traffic:
     """Bytes this rank hands to its training collectives (gradients, parameters, factors, shards), counted by the
     backend as it hands them; `take()` returns and clears what accumulated since the last call. Bytes counted inside
@@ -116,7 +122,13 @@ class Traffic:
 
     def __init__(self):
         self.sent = self.sync_bytes = self.syncs = 0
+        self.distances = {name: [0.0, 0] for name in DISTANCES}  # sum, count since the last take()
         self._in_sync = self._paused = False
+
+    def distance(self, name: str, value: float) -> None:
+        """How far this rank's model was from another (`DISTANCES`): logged as the mean over ranks and the window."""
+        self.distances[name][0] += float(value)
+        self.distances[name][1] += 1
 
     def add(self, nbytes: int) -> None:
         if self._paused:
@@ -144,8 +156,11 @@ class Traffic:
             self._paused = was
 
     def take(self) -> list[float]:
-        """[bytes, of which in syncs, syncs] since the last call."""
+        """[bytes, of which in syncs, syncs, then a sum and a count per distance] since the last call."""
         out = [float(self.sent), float(self.sync_bytes), float(self.syncs)]
+        for name in DISTANCES:
+            out += [self.distances[name][0], float(self.distances[name][1])]
+            self.distances[name] = [0.0, 0]
         self.sent = self.sync_bytes = self.syncs = 0
         return out
 
@@ -153,8 +168,12 @@ class Traffic:
 def window_metrics(summed: list[float], steps: int, ranks: int) -> dict:
     """`Traffic.take()` summed over `ranks` ranks for a window of `steps` steps -> the metrics logged per window: per
     rank (the mean over ranks) in the window, per step, and per model average (local SGD)."""
-    sent, sync_bytes, syncs = (v / max(1, ranks) for v in summed)
+    sent, sync_bytes, syncs = (v / max(1, ranks) for v in summed[:3])
     out = {"sent_bytes": sent, "sent_bytes_per_step": sent / max(1, steps)}
     if syncs:
         out.update(syncs=syncs, sent_bytes_per_sync=sync_bytes / syncs)
+    for i, name in enumerate(DISTANCES):
+        total, count = summed[3 + 2 * i:5 + 2 * i] if len(summed) >= 5 + 2 * i else (0.0, 0.0)
+        if count:
+            out[name] = total / count
     return out

@@ -10,11 +10,16 @@ byte counter every backend fills (hpctrain.metrics.Traffic), once per log window
                 every checkpoint is one model.
     powersgd    each gradient matrix sent as rank-r factors P and Q, with error feedback and warm start (Vogels et al.,
                 NeurIPS 2019), after `powersgd_start` steps of plain allreduce
+    gossip      each rank steps on its own gradients, then mixes its model with one or two peers (`gossip_graph`:
+                `ring`, both neighbours; `exponential`, one peer 2^k ranks away, k cycling: SGP's one-peer graph);
+                no global collective while training (D-PSGD, Lian et al., NeurIPS 2017; Assran et al., ICML 2019).
+                Saves and evaluations average the ranks first, as local SGD does.
     zero        (with allreduce) ZeRO stage 1: the optimizer state sharded over the ranks, each updating its shard;
                 checkpoints consolidated to the whole-model format (Rajbhandari et al., SC20)
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 
@@ -33,6 +38,26 @@ class Schedule:
         return step >= self.warmup and (step - self.warmup) % self.period == 0
 
 
+def gossip_exchanges(rank: int, size: int, step: int, graph: str) -> list[tuple[int, int]]:
+    """This rank's exchanges at the 0-based `step`: (send to, receive from) pairs, each one MPI Sendrecv; the
+    rank's new model is the plain mean of its own and what it received. Every rank receives as many models as it
+    sends and every model reaches as many ranks as it came from, so the mixing matrix is doubly stochastic: the
+    average over ranks never moves, only the spread shrinks.
+
+        ring         the two neighbours every step (weights 1/3 each; on 2 ranks the one peer, 1/2)
+        exponential  one peer 2^k ranks on, k = step mod ceil(log2 size) (weights 1/2); on 2^m ranks m steps in a
+                     row give every rank the exact average"""
+    if size < 2:
+        return []
+    if graph == "ring":
+        right, left = (rank + 1) % size, (rank - 1) % size
+        return [(right, left)] if size == 2 else [(right, left), (left, right)]
+    if graph == "exponential":
+        hop = 2 ** (step % math.ceil(math.log2(size)))
+        return [((rank + hop) % size, (rank - hop) % size)]
+    raise ValueError(f"gossip graph {graph!r} (allowed: ring, exponential)")
+
+
 @dataclass(frozen=True)
 class Policy:
     """The run's synchronization choice (config section [sync]), as the engines read it."""
@@ -44,6 +69,7 @@ class Policy:
     powersgd_start: int = 10
     error_feedback: bool = True
     warm_start: bool = True
+    gossip_graph: str = "exponential"
 
     @classmethod
     def of(cls, cfg) -> Policy:
@@ -52,7 +78,7 @@ class Policy:
         if s is None:
             return cls()
         return cls(s.strategy, s.zero, s.period, s.warmup, s.powersgd_rank, s.powersgd_start,
-                   s.powersgd_error_feedback, s.powersgd_warm_start)
+                   s.powersgd_error_feedback, s.powersgd_warm_start, s.gossip_graph)
 
     @property
     def schedule(self) -> Schedule:
@@ -72,6 +98,10 @@ class Policy:
                                              ("warm start", self.warm_start)) if on]
             text = (f"PowerSGD rank {self.powersgd_rank} from step {self.powersgd_start}"
                     + (f" ({', '.join(options)})" if options else ""))
+        elif self.strategy == "gossip":
+            peers = "its two ring neighbours" if self.gossip_graph == "ring" else "one peer of an exponential graph"
+            text = (f"gossip: each step the model mixed with {peers} (no global collective); saves and evaluations "
+                    "on the average over ranks")
         else:
             text = "allreduce of every gradient"
         return text + (", ZeRO-1 (optimizer state sharded)" if self.zero else "")

@@ -19,7 +19,8 @@ RESNET18_BYTES = 11_181_642 * 4  # the float32 parameters of ResNet-18 with 10 c
 
 @pytest.mark.acceptance  # three demo trainings, ~2 min each on 2 cores: make test-acceptance
 @pytest.mark.parametrize("strategy, backend", [(["--sync", "local-sgd"], "horovod"), (["--sync", "powersgd"], "ddp"),
-                                               (["--zero"], "mpi")], ids=["local-sgd", "powersgd", "zero"])
+                                               (["--zero"], "mpi"), (["--sync", "gossip"], "mpi")],
+                         ids=["local-sgd", "powersgd", "zero", "gossip"])
 def test_demo_preempted_resumed_and_accurate(tmp_path, strategy, backend, record_property):
     d = tmp_path / "run"
     args = [*DEMO, *strategy, "--backend", backend, "--run-dir", str(d)]
@@ -44,6 +45,9 @@ def test_demo_preempted_resumed_and_accurate(tmp_path, strategy, backend, record
         assert all(0.2 < b / RESNET18_BYTES < 0.35 for b in per_step[1:-1]), per_step
     elif "powersgd" in strategy:  # rank-8 factors after step 10: a few percent of allreduce's bytes
         assert all(b < 0.1 * RESNET18_BYTES for b in per_step[2:]), per_step
+    elif "gossip" in strategy:  # the model (+ BatchNorm's statistics) to one peer a step; a save's average adds more
+        assert all(1.0 < b / RESNET18_BYTES < 1.01 for b in per_step[1:-1]), per_step
+        assert all(r["peer_distance"] > 0 for r in metrics(d, "train"))
     else:  # ZeRO: the reduce-scatter's input (every gradient) + this rank's share of the allgather
         assert all(abs(b / RESNET18_BYTES - 1.5) < 0.01 for b in per_step), per_step
 
@@ -63,3 +67,36 @@ def test_zero_checkpoint_across_world_sizes_and_without_zero(tmp_path):
         assert {"exp_avg", "exp_avg_sq", "step"} <= set(state["state"][0])
     assert [float(s["state"][0]["step"]) for s in states] == [2.0, 4.0, 6.0]
     assert [r["step"] for r in metrics(d, "train")] == [1, 2, 3, 4, 5, 6]
+
+
+def test_gossip_trains_saves_the_average_and_resumes(tmp_path):
+    # configs/tiny.toml (96 samples: 6 steps), 2 ranks, ring gossip over mpi4py on the horovod backend: 4 steps with
+    # saves at 2 and 4 (each averages the ranks: consensus_distance in the next record), resumed to 6.
+    d = tmp_path / "run"
+    tiny = ["-m", "hpctrain.resnet", "--config", "configs/tiny.toml", "--sync", "gossip", "--gossip-graph", "ring",
+            "--backend", "horovod", "--run-dir", str(d), "--checkpoint-every", "2", "--synthetic-size", "96"]
+    out = check_ok(run("mpirun", 2, [*tiny, "--max-steps", "4"]))
+    assert "gossip: each step the model mixed with its two ring neighbours" in out, out[-2000:]
+    out = check_ok(run("mpirun", 2, [*tiny, "--max-steps", "6"]))
+    assert "at step 4" in out and "resumed from" in out
+    records = metrics(d, "train")
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
+    ckpt = torch.load(d / "checkpoints" / "ckpt-00000006.pt", weights_only=True)
+    model_bytes = sum(v.numel() * v.element_size() for v in ckpt["model"].values() if v.is_floating_point())
+    momentum_bytes = sum(v.numel() * v.element_size() for state in ckpt["optimizer"]["state"].values()
+                         for v in state.values() if v.ndim > 0)
+    settled = [r for r in records if "consensus_distance" in r]
+    assert [r["step"] for r in settled] == [3], records  # the save after step 2 (the one after 4: in the first run)
+    for r in records:  # one peer on 2 ranks: the model (parameters + BatchNorm statistics) each step, counted a sync;
+        # a save's average adds the model and SGD's momentum once
+        sent = model_bytes * (2 if r in settled else 1) + (momentum_bytes if r in settled else 0)
+        assert r["sent_bytes_per_step"] == sent and r["peer_distance"] > 0, r
+    assert settled[0]["consensus_distance"] == 0.0  # on 2 ranks each mix IS the average (4 ranks: tests/parallel)
+
+
+def test_gossip_on_one_rank_is_one_line(tmp_path):
+    p = run("single", 1, ["-m", "hpctrain.resnet", "--config", "configs/tiny.toml", "--sync", "gossip", "--backend",
+                          "mpi", "--run-dir", str(tmp_path / "run")])
+    assert p.returncode == 2, p.stdout[-2000:] + p.stderr[-2000:]
+    assert "'gossip' mixes models between ranks, but this job has 1 rank (allowed on one rank: --sync allreduce)" in \
+        p.stderr and len([x for x in p.stderr.splitlines() if x.strip()]) == 1, p.stderr[-2000:]

@@ -11,7 +11,11 @@ real Trainer path (Trainer.train_step -> DataParallel -> strategy -> backend), i
                                            without ZeRO and the other way round
     bytes handed to the collectives     per step, as each strategy should send
 
-    mpirun -np 2 python tests/parallel/worker_sync.py [--only local_sgd,powersgd,zero,traffic]
+    gossip (ring, exponential)          == local SGD K=1 on 2 ranks; one model per step; a resume is exact. On 4 ranks
+                                           (--only gossip): the mean kept, the spread shrinking (exact average after
+                                           log2(size) exponential-graph steps)
+
+    mpirun -np 2 python tests/parallel/worker_sync.py [--only local_sgd,powersgd,zero,gossip,traffic]
 Prints one line `OK <rank> <json>` per rank (the measured differences); any check that fails raises.
 """
 import argparse
@@ -301,6 +305,73 @@ def zero_checkpoints(job: Job, b: str, plain, sharded, options) -> dict:
     return {"format_diff": format_diff, "resume_diff": d}
 
 
+# ---- gossip -----------------------------------------------------------------------------------------------
+def gossip(job: Job) -> dict:
+    """2 ranks: gossip (either graph) == local SGD K=1 step for step (SGD momentum, BatchNorm: the optimizer state
+    stays local in both); one model's bytes per step; a resume between saves is exact. 4 ranks (mpi): the mixing
+    alone, see `gossip_mixing`."""
+    if job.size != 2:
+        return gossip_mixing(job)
+    out = {}
+    for b in BACKENDS:
+        for graph in ("ring", "exponential"):
+            options = dict(strategy="gossip", gossip_graph=graph, momentum=0.9, net=bn_net)
+            ref = job.trainer(b, strategy="local-sgd", period=1, warmup=0, momentum=0.9, net=bn_net)
+            g = job.trainer(b, **options)
+            model_bytes = sum(x.numel() for x in (*g.whole_model().parameters(), *g.whole_model().buffers())
+                              if x.is_floating_point()) * 8
+            for step in range(5):
+                job.train(ref, 1)
+                g.traffic.take()  # one counter per backend: the reference's bytes are not gossip's
+                job.train(g, 1)
+                sent, _, syncs, peer, peers, *_ = g.traffic.take()
+                check(sent == model_bytes and syncs == 1 and peers == 1 and peer > 0,
+                      f"{b} {graph}: step {step} sent {sent} B ({model_bytes} expected), peer distance {peer}")
+            d = diff(ref, g)
+            check(d < EXACT, f"{b} {graph}: gossip on 2 ranks differs from local SGD K=1 by {d}")
+            state = job.checkpoint(g)
+            consensus = g.traffic.take()[5]
+            check(job.spread(g) == 0.0, f"{b} {graph}: a save did not settle the ranks")
+            job.train(g, 3)
+            resumed = job.resumed(b, state, **options)
+            job.train(resumed, 3)
+            r = diff(g, resumed)
+            check(r < EXACT, f"{b} {graph}: gossip resumed at step 5 differs from the uninterrupted run by {r}")
+            out.update({f"{graph}_vs_local_sgd_{b}": d, f"{graph}_resume_diff_{b}": r,
+                        f"{graph}_bytes_per_step_{b}": model_bytes, f"{graph}_consensus_at_save_{b}": consensus})
+    return out
+
+
+def gossip_mixing(job: Job) -> dict:
+    """Every rank starts from its own weights (no broadcast); mixing steps alone (no gradient): the mean over ranks
+    never moves; the exponential graph reaches it exactly after log2(size) steps on 2^m ranks; the ring's spread
+    shrinks every step."""
+    out = {}
+    for graph in ("exponential", "ring"):
+        t = job.trainer("mpi", strategy="gossip", gossip_graph=graph)
+        torch.manual_seed(50 + job.rank)
+        with torch.no_grad():
+            for p in t.whole_model().parameters():
+                p.copy_(torch.randn_like(p))
+        mean, spreads = t.backend.allreduce(flat(t).clone(), "mean"), [job.spread(t)]
+        for step in range(4):
+            t.plan.sync.mix(list(t.whole_model().parameters()), step)
+            spreads.append(job.spread(t))
+            moved = (t.backend.allreduce(flat(t).clone(), "mean") - mean).abs().max().item()
+            check(moved < EXACT, f"{graph}: gossip moved the mean over ranks by {moved} at step {step}")
+        if graph == "exponential" and job.size & (job.size - 1) == 0:
+            rounds = job.size.bit_length() - 1
+            check(spreads[rounds] < EXACT, f"exponential graph: spread {spreads[rounds]} after {rounds} steps")
+        check(all(b < a for a, b in zip(spreads, spreads[1:]) if a > EXACT), f"{graph}: spreads {spreads}")
+        t.traffic.take()
+        t.plan.sync.drifted = True  # as after a step: a save averages the ranks and measures how far apart they were
+        job.checkpoint(t)
+        consensus = t.traffic.take()[5]
+        check(job.spread(t) == 0.0 and (consensus > EXACT) == (spreads[-1] > EXACT), f"{graph}: settle, {consensus}")
+        out[f"{graph}_spreads"], out[f"{graph}_consensus_at_save"] = spreads, consensus
+    return out
+
+
 # ---- bytes per step ---------------------------------------------------------------------------------------
 def traffic(job: Job) -> dict:
     out = {}
@@ -322,7 +393,7 @@ def traffic(job: Job) -> dict:
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("--only", default="local_sgd,powersgd,zero,traffic")
+    p.add_argument("--only", default="local_sgd,powersgd,zero,gossip,traffic")
     a = p.parse_args()
     job = Job()
     out, timings = {"rank": job.rank, "size": job.size}, {}

@@ -9,7 +9,7 @@ import torch
 
 from hpctrain.config import ConfigError, TrainConfig, parse
 from hpctrain.metrics import Traffic, window_metrics
-from hpctrain.sync import Policy, Schedule
+from hpctrain.sync import Policy, Schedule, gossip_exchanges
 
 
 def test_schedule_counts_like_torch_post_local_sgd():
@@ -30,11 +30,16 @@ def test_traffic_counts_syncs_and_pauses():
         t.add(1000)  # a checkpoint's consolidation: not training traffic
         with t.sync():
             t.add(7)
-    assert t.take() == [140.0, 40.0, 1.0] and t.take() == [0.0, 0.0, 0.0]
+    t.distance("peer_distance", 0.5)
+    t.distance("peer_distance", 1.5)
+    assert t.take() == [140.0, 40.0, 1.0, 2.0, 2.0, 0.0, 0.0] and t.take() == [0.0] * 7
     # summed over 2 ranks, a window of 10 steps -> per rank, per step, per average
     assert window_metrics([280.0, 80.0, 2.0], 10, 2) == {"sent_bytes": 140.0, "sent_bytes_per_step": 14.0,
                                                           "syncs": 1.0, "sent_bytes_per_sync": 40.0}
     assert window_metrics([280.0, 0.0, 0.0], 10, 2) == {"sent_bytes": 140.0, "sent_bytes_per_step": 14.0}
+    # distances: the mean over every rank's values in the window; absent where none was taken
+    assert window_metrics([280.0, 0.0, 0.0, 3.0, 4.0, 0.0, 0.0], 10, 2) == {
+        "sent_bytes": 140.0, "sent_bytes_per_step": 14.0, "peer_distance": 0.75}
 
 
 def test_policy_from_config_and_its_words():
@@ -45,6 +50,9 @@ def test_policy_from_config_and_its_words():
     assert p.describe() == "local SGD: the model averaged every 8 step(s) after 100 step(s) of gradient allreduce"
     p = Policy.of(parse(["--sync", "powersgd", "--powersgd-rank", "4", "--powersgd-warm-start", "false"], "t"))
     assert p.describe() == "PowerSGD rank 4 from step 10 (error feedback)"
+    p = Policy.of(parse(["--sync", "gossip", "--gossip-graph", "ring"], "t"))
+    assert (p.strategy, p.gossip_graph) == ("gossip", "ring") and "its two ring neighbours" in p.describe()
+    assert Policy.of(parse(["--sync", "gossip"], "t")).gossip_graph == "exponential"
     zero = Policy.of(parse(["--zero"], "t"))
     assert zero.describe() == "allreduce of every gradient, ZeRO-1 (optimizer state sharded)"
 
@@ -61,7 +69,15 @@ TF = ["--framework", "tf"]
 
 
 @pytest.mark.parametrize("argv, words", [
-    (["--sync", "gossip"], "sync.strategy (--sync): 'gossip' is not allowed (allowed: allreduce, local-sgd, powersgd)"),
+    (["--sync", "push"], "sync.strategy (--sync): 'push' is not allowed (allowed: allreduce, local-sgd, powersgd, "
+                         "gossip)"),
+    (["--sync", "gossip", "--gossip-graph", "star"], "sync.gossip_graph (--gossip-graph): 'star' is not allowed "
+                                                     "(allowed: exponential, ring)"),
+    (["--sync", "gossip", "--pipeline-stages", "2"], "sync (--sync gossip): not supported with --pipeline-stages 2"),
+    (["--sync", "gossip", "--backend", "none"], "sync (--sync gossip): needs several ranks on a data-parallel backend"),
+    ([*TF, "--sync", "gossip"], "sync (--sync gossip): PyTorch-only"),
+    (["--sync", "gossip", "--zero"], "sync.zero (--zero): shards the optimizer state of an allreduce step, not with "
+                                     "--sync gossip"),
     (["--sync-period", "0"], "sync.period (--sync-period): 0 is below the minimum 1"),
     (["--sync", "local-sgd", "--adasum"], "dist.adasum (--adasum): combines every gradient each step, not with --sync "
                                           "local-sgd (allowed with it: --sync allreduce, no --zero)"),
@@ -123,3 +139,35 @@ def test_orthogonalize_gives_orthonormal_columns(rank):
     orthogonalize(m)
     eye = torch.eye(rank, dtype=torch.float64).expand(3, rank, rank)
     assert torch.allclose(m.transpose(1, 2) @ m, eye, atol=1e-12)
+
+
+def mixing_matrix(size: int, step: int, graph: str):
+    """W[i, j]: the weight of rank j's model in rank i's after the step's exchanges (the plain mean)."""
+    w = [[0.0] * size for _ in range(size)]
+    for i in range(size):
+        sources = [source for _, source in gossip_exchanges(i, size, step, graph)]
+        for j in [i, *sources]:
+            w[i][j] += 1 / (len(sources) + 1)
+    return w
+
+
+@pytest.mark.parametrize("graph", ["ring", "exponential"])
+@pytest.mark.parametrize("size", [2, 3, 4, 5, 8])
+def test_gossip_mixing_is_doubly_stochastic_and_pairs_every_send_with_a_receive(size, graph):
+    for step in range(6):
+        w = mixing_matrix(size, step, graph)
+        assert all(abs(sum(row) - 1) < 1e-12 for row in w)  # each rank: a mean
+        assert all(abs(sum(w[i][j] for i in range(size)) - 1) < 1e-12 for j in range(size))  # the average kept
+        sends = [(i, dest) for i in range(size) for dest, _ in gossip_exchanges(i, size, step, graph)]
+        receives = [(source, i) for i in range(size) for _, source in gossip_exchanges(i, size, step, graph)]
+        assert sorted(sends) == sorted(receives)  # every Sendrecv finds its partner: no deadlock
+
+
+@pytest.mark.parametrize("size", [2, 4, 8, 16])
+def test_exponential_graph_averages_exactly_in_log2_steps(size):
+    x = [float(i * i) for i in range(size)]
+    for step in range(size.bit_length() - 1):
+        w = mixing_matrix(size, step, "exponential")
+        x = [sum(w[i][j] * x[j] for j in range(size)) for i in range(size)]
+    assert max(x) - min(x) < 1e-9 and abs(x[0] - sum(i * i for i in range(size)) / size) < 1e-9
+    assert gossip_exchanges(0, 1, 0, "ring") == [] and gossip_exchanges(1, 2, 0, "ring") == [(0, 0)]

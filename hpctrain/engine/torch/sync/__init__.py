@@ -6,6 +6,7 @@ one class per strategy and backend family, chosen once by `make_sync`.
                   PeriodicModelAverager)
     powersgd.py   `PowerSGD` (horovod, mpi: torch's algorithm over the backend's allreduce), `TorchPowerSGD` (ddp:
                   torch's powerSGD_hook)
+    gossip.py     `Gossip` (every backend: mpi4py Sendrecv with the step's peers; saves average like local SGD)
     zero.py       `Zero` + `ShardedOptimizer` (horovod, mpi: reduce-scatter, allgather), `TorchZero` (ddp:
                   ZeroRedundancyOptimizer)
 """
@@ -28,6 +29,9 @@ def make_sync(backend, policy: Policy) -> Sync:
     if policy.strategy == "powersgd":
         from hpctrain.engine.torch.sync.powersgd import PowerSGD, TorchPowerSGD
         return (TorchPowerSGD if torch_own else PowerSGD)(backend, policy)
+    if policy.strategy == "gossip":
+        from hpctrain.engine.torch.sync.gossip import Gossip
+        return Gossip(backend, policy)
     return Sync(backend, policy)
 
 
