@@ -99,8 +99,9 @@ def test_doctor_under_mpirun_reports_both_hosts(hosts, tmp_path):
 
 
 def horovodrun(hosts: Hosts, names: list[str], args: list[str], gloo: bool = False,
-               where: Path | None = None) -> list[str]:
-    cmd = [str(BIN / "horovodrun"), "-np", str(len(names)), "-H", hosts.hostlist(names), "--ssh-port", "22",
+               where: Path | None = None, slots: int = 1) -> list[str]:
+    cmd = [str(BIN / "horovodrun"), "-np", str(slots * len(names)), "-H", hosts.hostlist(names, slots),
+           "--ssh-port", "22",
            "--ssh-identity-file", str(hosts.ssh_key), "--start-timeout", "60"]
     # The interface named: horovodrun hands it to Open MPI (btl/oob_tcp_if_include) or to Gloo (HOROVOD_GLOO_IFACE).
     cmd += ["--gloo"] * gloo + ["--network-interface", "eth0"]
@@ -112,13 +113,15 @@ BERT = ["-m", "hpctrain.bert", "--config", "configs/bert_tiny.toml", "--max-step
         "--seq-len", "64", "--tensorboard", "false", "--progress", "never"]
 
 
-def test_horovodrun_bert_over_ssh(hosts, tmp_path):
+def test_horovodrun_bert_over_ssh_two_ranks_per_host(hosts, tmp_path):
+    # horovodrun -np 4 -H host1:2,host2:2: ranks fill hosts in order; the one start line counts 4 ranks on 2 nodes.
     where = tmp_path / "where"
     where.mkdir()
     p = on_host(hosts, "host1", horovodrun(hosts, ["host1", "host2"], [*BERT, "--run-dir", str(tmp_path / "run")],
-                                           where=where), timeout=180, HPXT_WHERE=str(where))
+                                           where=where, slots=2), timeout=240, HPXT_WHERE=str(where))
     out = ok(p)
-    assert ranks_ran_on(where) == {0: "host1", 1: "host2"}, out[-2000:]
+    assert ranks_ran_on(where) == {0: "host1", 1: "host1", 2: "host2", 3: "host2"}, out[-2000:]
+    assert "4 rank(s) on 2 node(s)" in out, out[-2000:]
     assert metrics(tmp_path / "run", "train")[-1]["step"] == 2
 
 
