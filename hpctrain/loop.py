@@ -9,11 +9,11 @@ from __future__ import annotations
 import math
 import resource
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Protocol
 
-from hpctrain import watchdog
+from hpctrain import stragglers, watchdog
 from hpctrain.config import RunConfig
 from hpctrain.errors import NonFiniteError
 from hpctrain.metrics import MetricsLogger, Throughput, Traffic, window_metrics
@@ -31,6 +31,9 @@ class Engine(Protocol):
     has_validation: bool
     logger: MetricsLogger | None  # given by the loop; the engine logs evaluations and messages to it
     traffic: Traffic | None   # optional: bytes this rank handed to its training collectives (None: not counted)
+    # optional, with rank_nodes() and cluster: seconds this rank waited for the others since the last call (the
+    # straggler watch, hpctrain.stragglers)
+    wait_seconds: Callable[[], float]
 
     def epoch_batches(self, epoch: int, skip_batches: int) -> Iterator: ...
     def train_step(self, micro_batches: list): ...           # -> local [loss x n, correct, n], opaque
@@ -59,7 +62,9 @@ def train(engine: Engine, cfg: RunConfig, rank: int, preemption=None) -> dict:
         batches = engine.epoch_batches(epoch, offset * engine.micro_batches)
         saved = False
         for _ in range(offset, engine.steps_per_epoch):
-            window.add(engine.train_step([next(batches) for _ in range(engine.micro_batches)]))
+            started = time.perf_counter()
+            window.add(engine.train_step([next(batches) for _ in range(engine.micro_batches)]),
+                       time.perf_counter() - started)
             watchdog.beat(engine.step)
             epoch_rate.update(engine.samples_per_step)
             engine.logger.advance()
@@ -114,11 +119,26 @@ class Window:
     def __init__(self, engine: Engine):
         self.engine = engine
         self.stats = None
-        self.steps, self.start = 0, time.perf_counter()
+        self.steps, self.start, self.seconds = 0, time.perf_counter(), 0.0
+        self.watch: stragglers.Watch | None = None
+        self.first_step = engine.step + 1
 
-    def add(self, stats) -> None:
+    def add(self, stats, seconds: float = 0.0) -> None:
+        """One step's local statistics and its wall time (fetching the batch included)."""
         self.stats = stats if self.stats is None else self.stats + stats
         self.steps += 1
+        self.seconds += seconds
+
+    def busy(self) -> list[float]:
+        """This rank's busy seconds per step at its index of a world-sized vector, summed over ranks by the window's
+        one reduction; empty where the engine does not time its waits."""
+        e = self.engine
+        waits = getattr(e, "wait_seconds", None)
+        if waits is None:
+            return []
+        vector = [0.0] * e.cluster.size
+        vector[e.cluster.rank] = max(0.0, self.seconds - waits()) / self.steps
+        return vector
 
     def report(self, epoch: int) -> dict:
         e = self.engine
@@ -128,7 +148,10 @@ class Window:
         traffic = counter.take() if counter is not None else []
         now = rss_mib()  # the kernel updates the peak lazily: it can lag the present
         memory = [max(peak_rss_mib(), now), now, 1.0]  # summed with the processes counted: the mean of a process
-        loss_n, correct, n, rates, peak, now, processes, *sent = e.reduce_sum(self.stats, [mine, *memory, *traffic])
+        busy = self.busy()
+        loss_n, correct, n, rates, peak, now, processes, *rest = e.reduce_sum(self.stats,
+                                                                             [mine, *memory, *traffic, *busy])
+        sent, busy = rest[:len(traffic)], rest[len(traffic):]
         loss = loss_n / n
         if not math.isfinite(loss):
             raise NonFiniteError(f"rank-averaged loss is {loss} at step {e.step} (steps "
@@ -139,7 +162,16 @@ class Window:
                   "peak_rss_mib": peak / processes, "rss_mib": now / processes}
         if sent:  # bytes per rank in the window, per step, per model average
             result.update(window_metrics(sent, self.steps, e.data_size // e.local_replicas))
+        if busy:
+            first = self.watch is None  # its steps warm up (allocator, caches, connections): nothing is named
+            if first:
+                self.watch = stragglers.Watch(e.rank_nodes())
+            figures, line = self.watch.window(busy, self.first_step, e.step, quiet=first)
+            result.update(figures)
+            if line:
+                e.log(line)
         e.logger.log(e.step, "train", result)
         e.progress(e.step)
-        self.stats, self.steps, self.start = None, 0, time.perf_counter()
+        self.stats, self.steps, self.start, self.seconds = None, 0, time.perf_counter(), 0.0
+        self.first_step = e.step + 1
         return result

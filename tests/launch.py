@@ -92,6 +92,14 @@ def trained(run_dir: Path, steps: int) -> bool:
 
 def signal_ranks(job: subprocess.Popen, sig: int, module: str = "hpctrain.", rank: int | None = None) -> int:
     """Send `sig` to the job's Python rank processes (only to `rank` if given); returns how many."""
+    ranks = rank_processes(job, module, rank)
+    for p in ranks:
+        p.send_signal(sig)
+    return len(ranks)
+
+
+def rank_processes(job: subprocess.Popen, module: str = "hpctrain.", rank: int | None = None) -> list:
+    """The job's Python rank processes (psutil), only `rank` if given."""
     def wanted(p: psutil.Process) -> bool:
         try:
             if not (p.name().startswith("python") and any(module in part for part in p.cmdline())):
@@ -100,10 +108,7 @@ def signal_ranks(job: subprocess.Popen, sig: int, module: str = "hpctrain.", ran
             return rank is None or e.get("OMPI_COMM_WORLD_RANK", e.get("HOROVOD_RANK")) == str(rank)
         except psutil.NoSuchProcess:  # a helper process that ended meanwhile
             return False
-    ranks = [p for p in psutil.Process(job.pid).children(recursive=True) if wanted(p)]
-    for p in ranks:
-        p.send_signal(sig)
-    return len(ranks)
+    return [p for p in psutil.Process(job.pid).children(recursive=True) if wanted(p)]
 
 
 def finish(job: subprocess.Popen, timeout: float = 240) -> str:

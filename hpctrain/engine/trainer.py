@@ -75,6 +75,10 @@ class TrainerBase(Resuming, abc.ABC):
         self.traffic = None  # the backend's byte counter (hpctrain.metrics.Traffic) where the engine counts
         self.run_id: str | None = None  # the run this trainer continues or began (rank 0, after resume)
 
+    def rank_nodes(self) -> list[str]:
+        """Every rank's node name, by rank (one object allgather)."""
+        return self.backend.allgather_object(self.cluster.node_name or self.cluster.hostname)
+
     # ---- the framework's part: hpctrain.loop's protocol --------------------------------------------------
     @abc.abstractmethod
     def epoch_batches(self, epoch: int, skip_batches: int) -> Iterator: ...

@@ -4,6 +4,8 @@ Allreduce — or local SGD, PowerSGD, ZeRO-1), or not at all for one process. Th
 has the same methods; the Trainer drives either."""
 from __future__ import annotations
 
+import time
+
 import torch
 
 from hpctrain.engine.torch.sync import make_sync
@@ -19,6 +21,7 @@ class DataParallel:
         self.sync = make_sync(backend, policy or Policy())
         self.model, self.optimizer = self.sync.wrap(model, optimizer)
         self.micro_batches = accumulate
+        self.waited = 0.0  # seconds in sync.step since take_waited()
         self.scaler = None  # the trainer's AMP loss scaler, as of the last step (settle makes it equal on every rank)
 
     @property
@@ -44,8 +47,16 @@ class DataParallel:
                 scaled = loss / n_micro  # mean over the whole accumulated batch
                 (scaler.scale(scaled) if scaler else scaled).backward()
             stats += batch_stats
-        self.sync.step(self.model, self.optimizer, scaler, trainer.step)
+        started = time.perf_counter()
+        self.sync.step(self.model, self.optimizer, scaler, trainer.step)  # where a rank waits for the others
+        self.waited += time.perf_counter() - started
         return stats
+
+    def take_waited(self) -> float:
+        """Seconds in the gradient exchange since the last call (hpctrain.stragglers; on ddp the wait is inside the
+        backward pass instead, so a straggler does not show there)."""
+        waited, self.waited = self.waited, 0.0
+        return waited
 
     def eval_batch(self, batch, trainer) -> torch.Tensor:
         with trainer.autocast():

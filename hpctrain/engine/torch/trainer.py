@@ -28,6 +28,9 @@ class Trainer(TrainerBase):
         super().__init__(runtime, cfg, train_loader.batch_sampler, self.plan.micro_batches, self.plan.counts_samples,
                          val_loader is not None, job)
         self.traffic = getattr(self.plan, "traffic", None)  # the pipeline plan's stage traffic is not counted
+        if isinstance(self.plan, DataParallel) and self.device.type == "cpu":
+            # the loop's straggler watch (hpctrain.stragglers); on GPUs the exchange also waits for the kernels
+            self.wait_seconds = self.plan.take_waited
         self.task = task or Classification(cfg.optim.label_smoothing)
         self.train_loader, self.val_loader = train_loader, val_loader
         self.autocast = autocast_factory(cfg.dist.amp, self.device)
