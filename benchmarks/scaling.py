@@ -49,7 +49,7 @@ Engines (`--engines`, a comma list of names or groups; default `torch`, today's 
   sync   the synchronization strategies (hpctrain.sync) on --backend mpi beside its plain allreduce and the ceiling:
          hpctrain_mpi, sync_local_sgd_k4 (--sync local-sgd --sync-period 4), sync_powersgd_r8 (--sync powersgd,
          rank 8, from step 2: the window's first 2 steps are the uncompressed start), sync_zero (--zero),
-         ceiling_no_comm. Rows of hpctrain also record sent_bytes_per_step: what the rank handed to its training
+         sync_gossip (--sync gossip, exponential graph: one peer per step), ceiling_no_comm. Rows of hpctrain also record sent_bytes_per_step: what the rank handed to its training
          collectives per step over the epoch (hpctrain's own count), and sent_vs_allreduce beside hpctrain_mpi.
   all    the torch and tf groups
 efficiency_vs_ceiling is null for TF rows: the ceiling is a torch step, so that ratio would measure the
@@ -75,7 +75,7 @@ TORCH_ENGINES = ("hpctrain_horovod", "hpctrain_mpi", "hpctrain_ddp", "plain_horo
 TF_ENGINES = ("tf_horovod", "tf_multiworker", "tf_mirrored")
 SYNC_ARGS = {"sync_local_sgd_k4": ("--sync", "local-sgd", "--sync-period", "4"),
              "sync_powersgd_r8": ("--sync", "powersgd", "--powersgd-rank", "8", "--powersgd-start", "2"),
-             "sync_zero": ("--zero",)}
+             "sync_zero": ("--zero",), "sync_gossip": ("--sync", "gossip")}
 SYNC_ENGINES = tuple(SYNC_ARGS)
 GROUPS = {"torch": TORCH_ENGINES, "tf": TF_ENGINES, "all": TORCH_ENGINES + TF_ENGINES,
           "sync": ("hpctrain_mpi", *SYNC_ENGINES, "ceiling_no_comm")}
@@ -152,6 +152,12 @@ def hpctrain_rate(np_: int, a, backend: str, framework: str = "torch", replicas:
         return epochs[0]["samples_per_s_rank"] * np_
 
 
+def gossip_rate(n: int, a) -> float:
+    if n < 2:
+        raise Skipped("gossip needs >= 2 ranks (hpctrain refuses it on one)")
+    return hpctrain_rate(n, a, "mpi", extra=SYNC_ARGS["sync_gossip"], row="sync_gossip")
+
+
 def tf_multiworker_rate(n: int, a) -> float:
     if n < 2:
         raise Skipped(MULTIWORKER_NP1)
@@ -225,11 +231,14 @@ def parse_engines(text: str) -> list[str]:
 
 
 def efficiency_baseline(engine: str, base: dict) -> str | None:
-    """The engine whose np=1 rate is T(1) for `engine`: its own, else (tf_multiworker) tf_horovod's."""
+    """The engine whose np=1 rate is T(1) for `engine`: its own, else (tf_multiworker) tf_horovod's, (sync_gossip)
+    hpctrain_mpi's."""
     if base.get(engine):
         return engine
     if engine == "tf_multiworker" and base.get("tf_horovod"):
         return "tf_horovod"
+    if engine == "sync_gossip" and base.get("hpctrain_mpi"):  # one rank has no peer: it trains as plain mpi
+        return "hpctrain_mpi"
     return None
 
 
@@ -293,6 +302,7 @@ def measure(a, engines: list[str]) -> None:
                "hpctrain_ddp": lambda n: hpctrain_rate(n, a, "ddp", row="hpctrain_ddp"),
                **{name: (lambda n, extra=extra, name=name: hpctrain_rate(n, a, "mpi", extra=extra, row=name))
                   for name, extra in SYNC_ARGS.items()},
+               "sync_gossip": lambda n: gossip_rate(n, a),
                "plain_horovod_cycle10ms": lambda n: plain_rate(n, a, {"HOROVOD_CYCLE_TIME": "10"}),
                "plain_horovod_default": lambda n: plain_rate(n, a, {}),
                "ceiling_no_comm": lambda n: plain_rate(n, a, {"HOROVOD_CYCLE_TIME": "10"}, ("--no-comm",)),
