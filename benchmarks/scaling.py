@@ -49,8 +49,9 @@ Engines (`--engines`, a comma list of names or groups; default `torch`, today's 
   sync   the synchronization strategies (hpctrain.sync) on --backend mpi beside its plain allreduce and the ceiling:
          hpctrain_mpi, sync_local_sgd_k4 (--sync local-sgd --sync-period 4), sync_powersgd_r8 (--sync powersgd,
          rank 8, from step 2: the window's first 2 steps are the uncompressed start), sync_zero (--zero),
-         sync_gossip (--sync gossip, exponential graph: one peer per step), ceiling_no_comm. Rows of hpctrain also record sent_bytes_per_step: what the rank handed to its training
-         collectives per step over the epoch (hpctrain's own count), and sent_vs_allreduce beside hpctrain_mpi.
+         sync_gossip (--sync gossip, exponential graph: one peer per step), ceiling_no_comm. Rows of hpctrain
+         also record sent_bytes_per_step: what the rank handed to its training collectives per step over the
+         epoch (hpctrain's own count), and sent_vs_allreduce beside hpctrain_mpi.
   all    the torch and tf groups
 efficiency_vs_ceiling is null for TF rows: the ceiling is a torch step, so that ratio would measure the
 frameworks, not the communication. TF ratios (tf_*_vs_tf_horovod) compare the TF rows with each other.
