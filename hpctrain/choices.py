@@ -23,7 +23,7 @@ PIPELINE_SCHEDULES = ("1f1b", "gpipe")
 PIPELINE_ALLREDUCE = ("mpi", "horovod")
 PROGRESS = ("auto", "always", "never")
 # What crosses the network and when (hpctrain.sync): every gradient every step, the model every K steps, low-rank
-# factors of the gradients, the model mixed with peers. The first is the default.
-SYNC_STRATEGIES = ("allreduce", "local-sgd", "powersgd", "gossip")
+# factors of the gradients, the model mixed with peers, a parameter server. The first is the default.
+SYNC_STRATEGIES = ("allreduce", "local-sgd", "powersgd", "gossip", "ps")
 GOSSIP_GRAPHS = ("exponential", "ring")
 SYNC_TF = ("allreduce", "local-sgd")  # the TF engine: local SGD on its horovod backend; the rest is PyTorch-only

@@ -169,7 +169,9 @@ class SyncConfig:
                                      "model is averaged every --sync-period steps after --sync-warmup steps of "
                                      "allreduce; Lin et al.), powersgd (rank --powersgd-rank factors of each gradient "
                                      "matrix; Vogels et al.; PyTorch), gossip (each rank mixes its model with "
-                                     "--gossip-graph peers each step, no global collective; PyTorch, over MPI)",
+                                     "--gossip-graph peers each step, no global collective; PyTorch, over MPI), ps "
+                                     "(a parameter server: the last --ps-servers ranks hold the weights and the "
+                                     "optimizer, the others push gradients and pull weights; PyTorch, over MPI)",
                         choices=list(C.SYNC_STRATEGIES), flag="--sync")
     period: int = opt(4, "--sync local-sgd: average parameters and buffers every K steps", flag="--sync-period",
                       minimum=1)
@@ -186,6 +188,8 @@ class SyncConfig:
                                           "(kept in checkpoints)")
     gossip_graph: str = opt("exponential", "--sync gossip: exponential (one peer 2^k ranks on, k cycling; SGP) or "
                                            "ring (both neighbours every step)", choices=list(C.GOSSIP_GRAPHS))
+    ps_servers: int = opt(1, "--sync ps: how many ranks (the last ones) are servers; the parameters are split over "
+                             "them by bytes", minimum=1)
     zero: bool = opt(False, "ZeRO stage 1: shard the optimizer state over the data-parallel ranks (PyTorch, --sync "
                             "allreduce); checkpoints stay whole-model", flag="--zero")
 
@@ -480,6 +484,9 @@ def _validate_sync(cfg) -> None:
         if on:
             raise ConfigError(f"{what}: combines every gradient each step, not with {chosen} (allowed with it: --sync "
                               f"allreduce, no --zero)")
+    if s.strategy == "ps" and d.amp == "fp16":
+        raise ConfigError("dist.amp (--amp): 'fp16' loss scaling is not supported with --sync ps (allowed there: "
+                          "none, bf16)")
     if s.strategy == "powersgd" and s.powersgd_start < 2 and (s.powersgd_error_feedback or s.powersgd_warm_start):
         raise ConfigError(f"sync.powersgd_start (--powersgd-start): {s.powersgd_start} with error feedback or warm "
                           f"start (allowed: 2 or more, or --powersgd-error-feedback false --powersgd-warm-start false)")

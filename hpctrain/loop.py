@@ -137,7 +137,8 @@ class Window:
         if waits is None:
             return []
         vector = [0.0] * e.cluster.size
-        vector[e.cluster.rank] = max(0.0, self.seconds - waits()) / self.steps
+        mine = (self.seconds - waits()) / self.steps  # NaN where the rank does not compute (a server)
+        vector[e.cluster.rank] = max(0.0, mine) if math.isfinite(mine) else math.nan
         return vector
 
     def report(self, epoch: int) -> dict:

@@ -166,8 +166,9 @@ class Traffic:
 
 
 def window_metrics(summed: list[float], steps: int, ranks: int) -> dict:
-    """`Traffic.take()` summed over `ranks` ranks for a window of `steps` steps -> the metrics logged per window: per
-    rank (the mean over ranks) in the window, per step, and per model average (local SGD)."""
+    """`Traffic.take()` summed over the job for a window of `steps` steps -> the metrics logged per window: per
+    replica (the sum over `ranks` data-parallel replicas: every rank, or with a parameter server the workers, its
+    servers' bytes included) in the window, per step, and per model average (local SGD)."""
     sent, sync_bytes, syncs = (v / max(1, ranks) for v in summed[:3])
     out = {"sent_bytes": sent, "sent_bytes_per_step": sent / max(1, steps)}
     if syncs:

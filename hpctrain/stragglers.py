@@ -8,40 +8,51 @@ neighbour, a slow disk. Framework-neutral.
 A slow link does not show here: every rank of a ring waits for it alike (the doctor's network check names it)."""
 from __future__ import annotations
 
+import math
 import statistics
 
 FACTOR = 1.5      # busy this many times the other ranks' median ...
 MIN_GAP_S = 0.02  # ... and at least this much longer per step (short steps jitter)
 
 
+def timed(busy: list[float]) -> dict[int, float]:
+    """The ranks that compute (a parameter server's servers report NaN) and their busy seconds per step."""
+    return {r: b for r, b in enumerate(busy) if math.isfinite(b)}
+
+
 def slowest(busy: list[float]) -> tuple[int, float, float] | None:
     """(rank, its busy seconds per step, the other ranks' median) for a straggler; None when there is none."""
-    if len(busy) < 2:
+    ranks = timed(busy)
+    if len(ranks) < 2:
         return None
-    rank = max(range(len(busy)), key=busy.__getitem__)
-    median = statistics.median(b for r, b in enumerate(busy) if r != rank)
+    rank = max(ranks, key=ranks.__getitem__)
+    median = statistics.median(b for r, b in ranks.items() if r != rank)
     if busy[rank] > FACTOR * median and busy[rank] - median >= MIN_GAP_S:
         return rank, busy[rank], median
     return None
 
 
 class Watch:
-    """Rank 0's view across log windows: one line when a straggler appears or another rank becomes it, one when
-    it is gone; the figures go to every window's record either way."""
+    """Rank 0's view across log windows: one line when a rank is the straggler in two windows in a row (one short
+    window is noise) or another rank becomes it, one when it is gone; the figures go to every window's record."""
 
     def __init__(self, nodes: list[str]):
-        self.nodes, self.current = nodes, None
+        self.nodes, self.current, self.candidate = nodes, None, None
 
     def window(self, busy: list[float], first: int, last: int, quiet: bool = False) -> tuple[dict, str | None]:
         """The record's figures and the line to log, if any, for the window of steps first..last (`quiet`: only
         the figures)."""
         found = slowest(busy)
-        record = {"busy_s_per_step_median": statistics.median(busy), "busy_s_per_step_max": max(busy)}
+        values = list(timed(busy).values()) or [0.0]
+        record = {"busy_s_per_step_median": statistics.median(values), "busy_s_per_step_max": max(values)}
         if found:
             record["straggler_rank"] = found[0]
         if quiet:
             return record, None
         line = None
+        seen_before, self.candidate = self.candidate, found[0] if found else None
+        if found and found[0] != self.current and found[0] != seen_before:
+            return record, None  # once: wait for the next window
         if found and found[0] != self.current:
             rank, mine, median = found
             line = (f"straggler: rank {rank} on node {self.nodes[rank]} was busy {mine:.3g} s per step, "

@@ -14,6 +14,9 @@ byte counter every backend fills (hpctrain.metrics.Traffic), once per log window
                 `ring`, both neighbours; `exponential`, one peer 2^k ranks away, k cycling: SGP's one-peer graph);
                 no global collective while training (D-PSGD, Lian et al., NeurIPS 2017; Assran et al., ICML 2019).
                 Saves and evaluations average the ranks first, as local SGD does.
+    ps          a parameter server: the last `ps_servers` ranks hold the parameters (split by bytes) and the
+                optimizer state; workers push gradients and pull parameters every step (synchronous: equal to
+                allreduce SGD over the workers)
     zero        (with allreduce) ZeRO stage 1: the optimizer state sharded over the ranks, each updating its shard;
                 checkpoints consolidated to the whole-model format (Rajbhandari et al., SC20)
 """
@@ -70,6 +73,7 @@ class Policy:
     error_feedback: bool = True
     warm_start: bool = True
     gossip_graph: str = "exponential"
+    ps_servers: int = 1
 
     @classmethod
     def of(cls, cfg) -> Policy:
@@ -78,7 +82,7 @@ class Policy:
         if s is None:
             return cls()
         return cls(s.strategy, s.zero, s.period, s.warmup, s.powersgd_rank, s.powersgd_start,
-                   s.powersgd_error_feedback, s.powersgd_warm_start, s.gossip_graph)
+                   s.powersgd_error_feedback, s.powersgd_warm_start, s.gossip_graph, s.ps_servers)
 
     @property
     def schedule(self) -> Schedule:
@@ -102,6 +106,9 @@ class Policy:
             peers = "its two ring neighbours" if self.gossip_graph == "ring" else "one peer of an exponential graph"
             text = (f"gossip: each step the model mixed with {peers} (no global collective); saves and evaluations "
                     "on the average over ranks")
+        elif self.strategy == "ps":
+            text = (f"parameter server: the last {self.ps_servers} rank(s) hold the weights and the optimizer, the "
+                    "others push gradients and pull weights every step")
         else:
             text = "allreduce of every gradient"
         return text + (", ZeRO-1 (optimizer state sharded)" if self.zero else "")

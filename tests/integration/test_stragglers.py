@@ -63,7 +63,8 @@ def test_a_throttled_rank_is_named_then_its_recovery(tmp_path):
         assert wait_for(lambda: trained(d, 2), 240), finish(job, 5)[-3000:]
         with CpuCap(0.15) as cap:
             cap.add(rank_pid(job, 2))
-            assert wait_for(lambda: any(r.get("straggler_rank") == 2 for r in records(d)[2:]), 240), records(d)
+            # named once it is the straggler in two windows in a row (the first window, warm-up, never counts)
+            assert wait_for(lambda: sum(r.get("straggler_rank") == 2 for r in records(d)[1:]) >= 2, 240), records(d)
             throttled = records(d)[-1]["step"]
             cap.release()
             assert wait_for(lambda: any(r["step"] > throttled and "straggler_rank" not in r for r in records(d)),

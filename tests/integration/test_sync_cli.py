@@ -100,3 +100,36 @@ def test_gossip_on_one_rank_is_one_line(tmp_path):
     assert p.returncode == 2, p.stdout[-2000:] + p.stderr[-2000:]
     assert "'gossip' mixes models between ranks, but this job has 1 rank (allowed on one rank: --sync allreduce)" in \
         p.stderr and len([x for x in p.stderr.splitlines() if x.strip()]) == 1, p.stderr[-2000:]
+
+
+def test_parameter_server_trains_and_its_checkpoints_resume_on_allreduce_and_back(tmp_path):
+    # configs/tiny.toml: 3 ranks = 2 workers + 1 server (the last rank), 64 samples / (2 workers x 8) = 4 steps per
+    # epoch; then 2 ranks on plain allreduce from the PS checkpoint, then the PS again from the allreduce one.
+    d = tmp_path / "run"
+    tiny = ["-m", "hpctrain.resnet", "--config", "configs/tiny.toml", "--backend", "mpi", "--run-dir", str(d),
+            "--epochs", "3", "--optimizer", "adamw", "--lr", "0.001"]
+    ps = ["--sync", "ps", "--ps-servers", "1"]
+    out = check_ok(run("mpirun", 3, [*tiny, *ps, "--max-steps", "4"]))
+    assert "parameter server: the last 1 rank(s) hold the weights" in out and "x 2 replica(s)" in out, out[-2000:]
+    out = check_ok(run("mpirun", 2, [*tiny, "--max-steps", "8"]))
+    assert "at step 4" in out and "written by 3 rank(s), now 2" in out, out[-2000:]
+    out = check_ok(run("mpirun", 3, [*tiny, *ps, "--max-steps", "12"]))
+    assert "at step 8" in out, out[-2000:]
+    records = metrics(d, "train")
+    assert [r["step"] for r in records] == list(range(1, 13))
+    ckpt = torch.load(d / "checkpoints" / "ckpt-00000012.pt", weights_only=True)
+    model_bytes = sum(v.numel() * v.element_size() for k, v in ckpt["model"].items() if "running" not in k
+                      and v.is_floating_point())
+    assert len(ckpt["optimizer"]["state"]) == sum(len(g["params"]) for g in ckpt["optimizer"]["param_groups"])
+    # the job's bytes per replica (2 workers): each worker pushes the gradient once, the server returns it to both
+    for r in records[9:]:
+        assert r["sent_bytes_per_step"] == 2 * model_bytes, r
+
+
+def test_parameter_server_without_a_worker_is_one_line(tmp_path):
+    p = run("mpirun", 2, ["-m", "hpctrain.resnet", "--config", "configs/tiny.toml", "--sync", "ps", "--ps-servers",
+                          "2", "--backend", "mpi", "--run-dir", str(tmp_path / "run")])
+    lines = [x for x in p.stderr.splitlines() if x.startswith("hpctrain")]
+    assert p.returncode != 0 and len(lines) == 1, p.stderr[-2000:]
+    assert "sync.ps_servers (--ps-servers): 2 server(s) leave no worker among the 2 rank(s) of this job (allowed: 1 " \
+           "to 1)" in lines[0]

@@ -402,7 +402,12 @@ def main():
         out[name] = globals()[name](job)
         timings[name] = round(time.perf_counter() - start, 2)
     out["seconds"] = timings
-    # Rank 0 prints every rank's line: mpirun forwards long lines in pieces, and two ranks' pieces interleave.
+    report(job, out)
+
+
+def report(job: Job, out: dict) -> None:
+    """Rank 0 prints every rank's line (mpirun forwards long lines in pieces, and two ranks' pieces interleave);
+    then every backend ends."""
     gathered = job.runtimes["mpi"].backend.allgather_object(out)
     if job.rank == 0:
         sys.stdout.write("".join(f"OK {r} {json.dumps(o)}\n" for r, o in enumerate(gathered)))

@@ -53,6 +53,8 @@ def test_policy_from_config_and_its_words():
     p = Policy.of(parse(["--sync", "gossip", "--gossip-graph", "ring"], "t"))
     assert (p.strategy, p.gossip_graph) == ("gossip", "ring") and "its two ring neighbours" in p.describe()
     assert Policy.of(parse(["--sync", "gossip"], "t")).gossip_graph == "exponential"
+    p = Policy.of(parse(["--sync", "ps", "--ps-servers", "2"], "t"))
+    assert p.ps_servers == 2 and p.describe().startswith("parameter server: the last 2 rank(s) hold the weights")
     zero = Policy.of(parse(["--zero"], "t"))
     assert zero.describe() == "allreduce of every gradient, ZeRO-1 (optimizer state sharded)"
 
@@ -70,12 +72,17 @@ TF = ["--framework", "tf"]
 
 @pytest.mark.parametrize("argv, words", [
     (["--sync", "push"], "sync.strategy (--sync): 'push' is not allowed (allowed: allreduce, local-sgd, powersgd, "
-                         "gossip)"),
+                         "gossip, ps)"),
     (["--sync", "gossip", "--gossip-graph", "star"], "sync.gossip_graph (--gossip-graph): 'star' is not allowed "
                                                      "(allowed: exponential, ring)"),
     (["--sync", "gossip", "--pipeline-stages", "2"], "sync (--sync gossip): not supported with --pipeline-stages 2"),
     (["--sync", "gossip", "--backend", "none"], "sync (--sync gossip): needs several ranks on a data-parallel backend"),
     ([*TF, "--sync", "gossip"], "sync (--sync gossip): PyTorch-only"),
+    ([*TF, "--sync", "ps"], "sync (--sync ps): PyTorch-only"),
+    (["--sync", "ps", "--ps-servers", "0"], "sync.ps_servers (--ps-servers): 0 is below the minimum 1"),
+    (["--sync", "ps", "--pipeline-stages", "2"], "sync (--sync ps): not supported with --pipeline-stages 2"),
+    (["--sync", "ps", "--amp", "fp16"], "dist.amp (--amp): 'fp16' loss scaling is not supported with --sync ps "
+                                        "(allowed there: none, bf16)"),
     (["--sync", "gossip", "--zero"], "sync.zero (--zero): shards the optimizer state of an allreduce step, not with "
                                      "--sync gossip"),
     (["--sync-period", "0"], "sync.period (--sync-period): 0 is below the minimum 1"),

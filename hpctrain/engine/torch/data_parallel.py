@@ -20,6 +20,8 @@ class DataParallel:
         self.backend = backend
         self.sync = make_sync(backend, policy or Policy())
         self.model, self.optimizer = self.sync.wrap(model, optimizer)
+        self.serves = self.sync.serves  # a parameter server's server: no data, no evaluation
+        self.counts_samples = not self.serves
         self.micro_batches = accumulate
         self.waited = 0.0  # seconds in sync.step since take_waited()
         self.scaler = None  # the trainer's AMP loss scaler, as of the last step (settle makes it equal on every rank)
@@ -34,10 +36,13 @@ class DataParallel:
     def run(self, micro_batches, trainer) -> torch.Tensor:
         """Forward/backward over the micro-batches (no sync until the last), combine gradients, update.
         Returns the local [loss x samples, correct, samples]."""
+        stats = torch.zeros(3, dtype=torch.float64, device=trainer.device)
+        if self.serves:
+            self.sync.step(self.model, self.optimizer, None, trainer.step)
+            return stats
         self.optimizer.zero_grad()  # Horovod's override takes no set_to_none; torch defaults to it
         scaler = self.scaler = trainer.scaler
         self.sync.begin(trainer.step)
-        stats = torch.zeros(3, dtype=torch.float64, device=trainer.device)
         n_micro = len(micro_batches)
         for i, batch in enumerate(micro_batches):
             batch = to_device(batch, trainer.device)
@@ -54,9 +59,9 @@ class DataParallel:
 
     def take_waited(self) -> float:
         """Seconds in the gradient exchange since the last call (hpctrain.stragglers; on ddp the wait is inside the
-        backward pass instead, so a straggler does not show there)."""
+        backward pass instead, so a straggler does not show there). NaN on a server: it has no compute of its own."""
         waited, self.waited = self.waited, 0.0
-        return waited
+        return float("nan") if self.serves else waited
 
     def eval_batch(self, batch, trainer) -> torch.Tensor:
         with trainer.autocast():

@@ -27,4 +27,7 @@ def setup(cfg, cluster: ClusterEnv) -> Runtime:
     set_library_environment(cfg)
     with watchdog.collective(f"{d.backend} start-up"):  # MPI/Horovod/torch.distributed init: every rank
         backend = build_backend(d, cluster, device, cfg.pipeline.stages)
+    if cfg.sync.strategy == "ps":  # the data goes over the workers only
+        from hpctrain.engine.torch.sync.ps import assign_roles
+        assign_roles(backend, cfg.sync.ps_servers)
     return Runtime(cluster, device, n, backend, backend.data_rank, backend.data_size)

@@ -4,6 +4,8 @@ plan (data_parallel.py, pipeline/step.py) owns the model: how a step runs, how b
 is collected, loaded and broadcast."""
 from __future__ import annotations
 
+import itertools
+
 import torch
 from torch import nn
 
@@ -51,6 +53,8 @@ class Trainer(TrainerBase):
 
     # ---- the loop's engine protocol (hpctrain.loop.Engine) -------------------------------------------
     def epoch_batches(self, epoch: int, skip_batches: int):
+        if getattr(self.plan, "serves", False):
+            return itertools.repeat(None)  # a parameter server's server reads no data
         self.sampler.set_epoch(epoch, skip_batches=skip_batches)
         return batches(self.train_loader)
 
@@ -77,7 +81,7 @@ class Trainer(TrainerBase):
         self.plan.sync_buffers()
         self.model.eval()
         stats = torch.zeros(3, dtype=torch.float64, device=self.device)
-        for batch in batches(self.val_loader):
+        for batch in () if getattr(self.plan, "serves", False) else batches(self.val_loader):
             stats += self.plan.eval_batch(to_device(batch, self.device), self)
             watchdog.beat()
         return self.finish_evaluation(stats)

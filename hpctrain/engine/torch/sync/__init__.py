@@ -6,6 +6,8 @@ one class per strategy and backend family, chosen once by `make_sync`.
                   PeriodicModelAverager)
     powersgd.py   `PowerSGD` (horovod, mpi: torch's algorithm over the backend's allreduce), `TorchPowerSGD` (ddp:
                   torch's powerSGD_hook)
+    ps.py         `ParameterServer` (every backend: mpi4py sends to and from the server ranks; ZeRO's sharded
+                  optimizer with the servers as the only owners)
     gossip.py     `Gossip` (every backend: mpi4py Sendrecv with the step's peers; saves average like local SGD)
     zero.py       `Zero` + `ShardedOptimizer` (horovod, mpi: reduce-scatter, allgather), `TorchZero` (ddp:
                   ZeroRedundancyOptimizer)
@@ -29,6 +31,9 @@ def make_sync(backend, policy: Policy) -> Sync:
     if policy.strategy == "powersgd":
         from hpctrain.engine.torch.sync.powersgd import PowerSGD, TorchPowerSGD
         return (TorchPowerSGD if torch_own else PowerSGD)(backend, policy)
+    if policy.strategy == "ps":
+        from hpctrain.engine.torch.sync.ps import ParameterServer
+        return ParameterServer(backend, policy)
     if policy.strategy == "gossip":
         from hpctrain.engine.torch.sync.gossip import Gossip
         return Gossip(backend, policy)

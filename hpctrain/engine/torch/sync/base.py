@@ -23,6 +23,7 @@ class Sync:
     """Every gradient, every step, the backend's own way: Horovod's DistributedOptimizer (hooks, fusion), DDP's
     buckets, or one fused mpi4py Allreduce."""
     name = "allreduce"
+    serves = False  # a parameter server's server rank: trains on no data (ps.py)
 
     def __init__(self, backend, policy: Policy):
         self.backend, self.policy = backend, policy

@@ -48,7 +48,8 @@ class ShardedOptimizer:
     per-parameter rules hold: a parameter without a gradient is skipped, Adam's step counts are per parameter).
     `param_groups` are the local optimizer's: learning-rate updates and an AMP loss scaler reach it."""
 
-    def __init__(self, optimizer: torch.optim.Optimizer, backend):
+    def __init__(self, optimizer: torch.optim.Optimizer, backend, split=None):
+        """`split(total) -> counts`: the elements each rank owns (default: Horovod's even split over every rank)."""
         self.backend, self.groups = backend, optimizer.param_groups
         self.params = [p for g in self.groups for p in g["params"]]
         if len({(p.dtype, p.device) for p in self.params}) != 1:
@@ -64,7 +65,7 @@ class ShardedOptimizer:
         for p, at in zip(self.params, self.offsets):
             self.flat[at:at + p.numel()].copy_(p.detach().reshape(-1))
             p.data = self.flat[at:at + p.numel()].view_as(p)
-        self.counts = split_counts(total, backend.size)
+        self.counts = split(total) if split else split_counts(total, backend.size)
         self.lo = sum(self.counts[:backend.rank])
         self.hi = self.lo + self.counts[backend.rank]
         self.local = type(optimizer)(self._local_groups(), **constructor_defaults(optimizer))

@@ -1,0 +1,115 @@
+"""Run under mpirun -np 3 (1 server + 2 workers) or -np 4 (--servers 2). The parameter server (engine/torch/sync/
+ps.py) through the real Trainer path, in float64, against the reference case: one process taking the same steps on
+the workers' whole global batch (what allreduce SGD over the workers computes), on the horovod, mpi and ddp
+backends:
+
+    SGD with momentum, AdamW     the workers' weights == the reference's, step for step
+    state                        the servers hold the optimizer state, split by bytes (a worker: none); the
+                                 consolidated state == the reference optimizer's
+    checkpoints                  a PS checkpoint continues on the reference (plain) path and a plain one on the PS,
+                                 both equal to the uninterrupted reference
+    bytes                        a worker sends the gradient once per step, a server its range once per worker
+
+Prints `OK <rank> <json>` per rank (rank 0 prints all); any check that fails raises."""
+import argparse
+import copy
+
+import torch
+
+from hpctrain.engine.torch import build_optimizer
+from hpctrain.engine.torch.sync.zero import state_bytes
+from tests.parallel.worker_sync import BACKENDS, EXACT, B, Exact, Job, check, flat, report
+
+
+class PSJob(Job):
+    def __init__(self, servers: int):
+        super().__init__()
+        self.servers, self.workers = servers, self.size - servers
+        self.serves = self.rank >= self.workers
+
+    def global_batch(self, step):
+        g = torch.Generator().manual_seed(step)
+        x = torch.randn(B * self.workers, 8, generator=g, dtype=torch.float64)
+        return x, torch.randint(0, 3, (B * self.workers,), generator=g)
+
+    def batch(self, step):
+        x, y = self.global_batch(step)
+        w = self.rank % self.workers
+        return x[w * B:(w + 1) * B], y[w * B:(w + 1) * B]
+
+
+def reference(job: PSJob, t, options):
+    """One process, the same initial weights (rank 0's, as restored), the global batch each step."""
+    model = copy.deepcopy(t.whole_model())
+    cfg = job.config("mpi", **{k: v for k, v in options.items() if k not in ("strategy", "ps_servers")})
+    return model, build_optimizer(model, cfg.optim)
+
+
+def ref_step(job, model, optimizer, step):
+    optimizer.zero_grad()
+    loss, _ = Exact()(model, job.global_batch(step))
+    loss.backward()
+    optimizer.step()
+
+
+def compare(job, t, model) -> float:
+    if job.serves:
+        return 0.0  # a server's copy of the other servers' ranges is not kept current
+    mine = flat(t)
+    theirs = torch.cat([v.detach().reshape(-1) for v in (*model.parameters(),)])
+    return (mine - theirs).abs().max().item()
+
+
+def run(job: PSJob, b: str, opt: str) -> dict:
+    options = dict(strategy="ps", ps_servers=job.servers, optimizer=opt, momentum=0.9, weight_decay=0.01)
+    t = job.trainer(b, **options)
+    model, optimizer = reference(job, t, options)
+    worst, sent = 0.0, []
+    for _ in range(4):
+        job.train(t, 1)
+        sent.append(t.traffic.take()[0])
+        ref_step(job, model, optimizer, t.step - 1)
+        worst = max(worst, compare(job, t, model))
+    check(worst < EXACT, f"{b} {opt}: the parameter server differs from the reference by {worst}")
+    params = sum(p.numel() for p in model.parameters()) * 8
+    owned = state_bytes(t.optimizer)
+    if job.serves:
+        check(0 < owned and sent[-1] == t.optimizer.counts[job.rank] * 8 * job.workers, f"{b}: server {sent}")
+    else:
+        check(owned == 0 and sent[-1] == params, f"{b}: a worker holds {owned} B of state, sent {sent}")
+    # checkpoints both ways: the consolidated state continues on the plain path; a plain state on the PS
+    state = job.checkpoint(t)
+    whole = job.runtimes[b].backend.broadcast_object(state)
+    d_format = 0.0
+    if not job.serves:
+        mine = optimizer.state_dict()["state"]
+        for i, entries in whole["optimizer"]["state"].items():
+            for k, v in entries.items():
+                if torch.is_tensor(v) and v.ndim > 0:
+                    d_format = max(d_format, (v - mine[i][k]).abs().max().item())
+        check(d_format < EXACT, f"{b} {opt}: the consolidated state differs from the reference's by {d_format}")
+    resumed = job.resumed(b, state, **options)  # the PS from its own checkpoint
+    plain_model, plain_opt = copy.deepcopy((model, optimizer))  # the reference goes on (one copy: linked)
+    for _ in range(2):
+        job.train(resumed, 1)
+        ref_step(job, plain_model, plain_opt, resumed.step - 1)
+    d_resume = compare(job, resumed, plain_model)
+    check(d_resume < EXACT, f"{b} {opt}: the PS resumed from its checkpoint differs by {d_resume}")
+    return {f"{opt}_diff_{b}": worst, f"{opt}_format_diff_{b}": d_format, f"{opt}_resume_diff_{b}": d_resume,
+            f"{opt}_state_bytes_{b}": owned, f"{opt}_sent_per_step_{b}": sent[-1], "params_bytes": params}
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--servers", type=int, default=1)
+    a = p.parse_args()
+    job = PSJob(a.servers)
+    out = {"rank": job.rank, "size": job.size, "serves": job.serves}
+    for b in BACKENDS:
+        for opt in ("sgd", "adamw"):
+            out.update(run(job, b, opt))
+    report(job, out)
+
+
+if __name__ == "__main__":
+    main()
