@@ -18,6 +18,7 @@ def test_parameter_server_equals_allreduce_sgd_and_its_checkpoints_go_both_ways(
             for opt in ("sgd", "adamw"):
                 assert r[f"{opt}_diff_{b}"] < EXACT and r[f"{opt}_resume_diff_{b}"] < EXACT, (rank, r)
                 assert r[f"{opt}_format_diff_{b}"] < EXACT
+            assert r[f"batchnorm_diff_{b}"] < EXACT  # a save: the workers' mean of BatchNorm's statistics
         if r["serves"]:  # its range of the momentum, sent back to each of the 2 workers every step
             assert 0 < r["sgd_state_bytes_mpi"] and r["sgd_sent_per_step_mpi"] == 2 * r["sgd_state_bytes_mpi"]
         else:  # no optimizer state; the whole gradient pushed once per step

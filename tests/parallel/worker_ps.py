@@ -9,6 +9,7 @@ backends:
     checkpoints                  a PS checkpoint continues on the reference (plain) path and a plain one on the PS,
                                  both equal to the uninterrupted reference
     bytes                        a worker sends the gradient once per step, a server its range once per worker
+    BatchNorm                    a save averages the running statistics over the workers only
 
 Prints `OK <rank> <json>` per rank (rank 0 prints all); any check that fails raises."""
 import argparse
@@ -18,7 +19,7 @@ import torch
 
 from hpctrain.engine.torch import build_optimizer
 from hpctrain.engine.torch.sync.zero import state_bytes
-from tests.parallel.worker_sync import BACKENDS, EXACT, B, Exact, Job, check, flat, report
+from tests.parallel.worker_sync import BACKENDS, EXACT, B, Exact, Job, bn_net, check, flat, report
 
 
 class PSJob(Job):
@@ -99,6 +100,20 @@ def run(job: PSJob, b: str, opt: str) -> dict:
             f"{opt}_state_bytes_{b}": owned, f"{opt}_sent_per_step_{b}": sent[-1], "params_bytes": params}
 
 
+def batchnorm_statistics(job: PSJob, b: str) -> dict:
+    """A save's BatchNorm running statistics are the workers' mean (a server's never saw data)."""
+    t = job.trainer(b, strategy="ps", ps_servers=job.servers, net=bn_net)
+    job.train(t, 2)
+    mine = torch.cat([x.detach().reshape(-1).clone() for x in t.whole_model().buffers() if x.is_floating_point()])
+    every = job.runtimes[b].backend.allgather_object(mine)
+    expected = sum(every[:job.workers]) / job.workers
+    t.sync_buffers()
+    settled = torch.cat([x.detach().reshape(-1) for x in t.whole_model().buffers() if x.is_floating_point()])
+    d = (settled - expected).abs().max().item()
+    check(d < EXACT and (every[0] - every[1]).abs().max().item() > 1e-6, f"{b}: BatchNorm statistics after a save {d}")
+    return {f"batchnorm_diff_{b}": d}
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--servers", type=int, default=1)
@@ -108,6 +123,7 @@ def main():
     for b in BACKENDS:
         for opt in ("sgd", "adamw"):
             out.update(run(job, b, opt))
+        out.update(batchnorm_statistics(job, b))
     report(job, out)
 
 

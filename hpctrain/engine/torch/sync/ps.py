@@ -107,3 +107,13 @@ class ParameterServer(Zero):
     def step(self, model, optimizer, scaler, step: int) -> None:
         optimizer.reduce_gradients()
         optimizer.step()
+
+    def settle(self, model, optimizer, scaler) -> bool:
+        """The weights are the same on every worker; BatchNorm's running statistics are averaged over the workers
+        only (a server's never saw data)."""
+        workers = self.backend.size - self.servers
+        for buf in self.backend.unwrap(model).buffers():
+            if buf.is_floating_point():
+                mine = torch.zeros_like(buf) if self.serves else buf
+                buf.copy_(self.backend.allreduce(mine, "sum") / workers)
+        return True
