@@ -61,6 +61,27 @@ def test_killed_rank_ends_the_job_within_a_minute(tmp_path, launcher):
     print(f"\n{launcher}: kill -9 -> job end {ended:.1f} s", file=sys.stderr)
 
 
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGSTOP], ids=["kill-9", "SIGSTOP"])
+def test_a_lost_parameter_server_ends_the_job(tmp_path, sig):
+    # --sync ps on 3 ranks: the server is rank 2; the workers wait for its reply in an MPI receive (the GIL
+    # released): kill -9 -> the launcher ends the job; frozen -> the workers' watchdogs fire (exit 86).
+    run_dir = tmp_path / "run"
+    job = start(3, [*TINY, "--sync", "ps", "--backend", "mpi", "--run-dir", str(run_dir), "--hang-timeout",
+                    str(TIMEOUT)])
+    try:
+        assert wait_for(lambda: trained(run_dir, 3), 180), finish(job, 5)[-3000:]
+        assert signal_ranks(job, sig, rank=2) == 1
+        lost = time.monotonic()
+        out = finish(job, TIMEOUT + 90)
+        ended = time.monotonic() - lost
+    finally:
+        signal_ranks(job, signal.SIGKILL) if job.poll() is None else None
+    assert job.returncode != 0 and ended < TIMEOUT + 30, (ended, out[-3000:])
+    if sig == signal.SIGSTOP:
+        assert job.returncode == EXIT_HANG and "rank 0 on node" in out and "no progress for" in out, out[-3000:]
+    print(f"\nparameter server {sig.name} -> job end {ended:.1f} s", file=sys.stderr)
+
+
 def test_no_false_alarm_for_slow_checkpoints_and_long_evaluations(tmp_path):
     # A 3 s hang timeout; rank 0's every fsync held 1.5 s (a checkpoint takes ~6 s), an evaluation of
     # 128 single-image batches per rank (several seconds in all): long phases, but progress throughout.
