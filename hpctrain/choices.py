@@ -26,4 +26,5 @@ PROGRESS = ("auto", "always", "never")
 # factors of the gradients, the model mixed with peers, a parameter server. The first is the default.
 SYNC_STRATEGIES = ("allreduce", "local-sgd", "powersgd", "gossip", "ps")
 GOSSIP_GRAPHS = ("exponential", "ring")
+PS_MODES = ("sync", "async")
 SYNC_TF = ("allreduce", "local-sgd")  # the TF engine: local SGD on its horovod backend; the rest is PyTorch-only

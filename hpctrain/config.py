@@ -190,6 +190,11 @@ class SyncConfig:
                                            "ring (both neighbours every step)", choices=list(C.GOSSIP_GRAPHS))
     ps_servers: int = opt(1, "--sync ps: how many ranks (the last ones) are servers; the parameters are split over "
                              "them by bytes", minimum=1)
+    ps_mode: str = opt("sync", "--sync ps: sync (each step the workers' mean gradient, as allreduce) or async (each "
+                               "gradient applied on arrival; --staleness bounds how far a worker runs ahead)",
+                       choices=list(C.PS_MODES))
+    staleness: int = opt(2, "--sync ps --ps-mode async: a worker more than this many steps ahead of the slowest waits "
+                            "for it (stale synchronous parallel; 0: in lock-step)", minimum=0)
     zero: bool = opt(False, "ZeRO stage 1: shard the optimizer state over the data-parallel ranks (PyTorch, --sync "
                             "allreduce); checkpoints stay whole-model", flag="--zero")
 

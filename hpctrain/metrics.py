@@ -108,10 +108,12 @@ class MetricsLogger:
         self.bar = self.jsonl = self.tb = None
 
 
-# The spread of the models where ranks train apart (gossip): the L2 distance from this rank's parameters to
-#   peer_distance       the peer's it mixed with (every step, free: both are at hand)
+# How far apart the models are where ranks train apart: the L2 distance from this rank's parameters to
+#   peer_distance       the peer's it mixed with (gossip; every step, free: both are at hand)
 #   consensus_distance  the average over ranks, at a save or an evaluation (where the ranks are averaged anyway)
-DISTANCES = ("peer_distance", "consensus_distance")
+#   staleness           (an asynchronous parameter server) how many updates old the weights were that an applied
+#                       gradient was computed on
+DISTANCES = ("peer_distance", "consensus_distance", "staleness")
 
 
 class Traffic:

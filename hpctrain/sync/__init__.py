@@ -16,7 +16,8 @@ byte counter every backend fills (hpctrain.metrics.Traffic), once per log window
                 Saves and evaluations average the ranks first, as local SGD does.
     ps          a parameter server: the last `ps_servers` ranks hold the parameters (split by bytes) and the
                 optimizer state; workers push gradients and pull parameters every step (synchronous: equal to
-                allreduce SGD over the workers)
+                allreduce SGD over the workers; asynchronous: each gradient applied on arrival, a worker at most
+                `staleness` steps ahead of the slowest)
     zero        (with allreduce) ZeRO stage 1: the optimizer state sharded over the ranks, each updating its shard;
                 checkpoints consolidated to the whole-model format (Rajbhandari et al., SC20)
 """
@@ -74,6 +75,8 @@ class Policy:
     warm_start: bool = True
     gossip_graph: str = "exponential"
     ps_servers: int = 1
+    ps_mode: str = "sync"
+    staleness: int = 2
 
     @classmethod
     def of(cls, cfg) -> Policy:
@@ -82,7 +85,8 @@ class Policy:
         if s is None:
             return cls()
         return cls(s.strategy, s.zero, s.period, s.warmup, s.powersgd_rank, s.powersgd_start,
-                   s.powersgd_error_feedback, s.powersgd_warm_start, s.gossip_graph, s.ps_servers)
+                   s.powersgd_error_feedback, s.powersgd_warm_start, s.gossip_graph, s.ps_servers,
+                   s.ps_mode, s.staleness)
 
     @property
     def schedule(self) -> Schedule:
@@ -109,6 +113,9 @@ class Policy:
         elif self.strategy == "ps":
             text = (f"parameter server: the last {self.ps_servers} rank(s) hold the weights and the optimizer, the "
                     "others push gradients and pull weights every step")
+            if self.ps_mode == "async":
+                text += (f", asynchronously: each gradient applied on arrival, a worker at most {self.staleness} "
+                         "step(s) ahead of the slowest")
         else:
             text = "allreduce of every gradient"
         return text + (", ZeRO-1 (optimizer state sharded)" if self.zero else "")

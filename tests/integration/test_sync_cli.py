@@ -18,20 +18,22 @@ RESNET18_BYTES = 11_181_642 * 4  # the float32 parameters of ResNet-18 with 10 c
 
 
 @pytest.mark.acceptance  # three demo trainings, ~2 min each on 2 cores: make test-acceptance
-@pytest.mark.parametrize("strategy, backend", [(["--sync", "local-sgd"], "horovod"), (["--sync", "powersgd"], "ddp"),
-                                               (["--zero"], "mpi"), (["--sync", "gossip"], "mpi")],
-                         ids=["local-sgd", "powersgd", "zero", "gossip"])
-def test_demo_preempted_resumed_and_accurate(tmp_path, strategy, backend, record_property):
+@pytest.mark.parametrize("strategy, backend, np_", [
+    (["--sync", "local-sgd"], "horovod", 2), (["--sync", "powersgd"], "ddp", 2), (["--zero"], "mpi", 2),
+    (["--sync", "gossip"], "mpi", 2), (["--sync", "ps", "--ps-mode", "async"], "mpi", 3)],
+    ids=["local-sgd", "powersgd", "zero", "gossip", "ps-async"])
+def test_demo_preempted_resumed_and_accurate(tmp_path, strategy, backend, np_, record_property):
+    # the parameter server: 2 workers (the demo's 2 replicas) + 1 server
     d = tmp_path / "run"
     args = [*DEMO, *strategy, "--backend", backend, "--run-dir", str(d)]
-    job = start(2, args)
+    job = start(np_, args)
     assert wait_for(lambda: trained(d, 5), 400), finish(job, 5)[-3000:]  # 50 steps: past PowerSGD's start
-    assert signal_ranks(job, signal.SIGUSR1) == 2
+    assert signal_ranks(job, signal.SIGUSR1) == np_
     out = finish(job, 300)
     assert job.returncode == EXIT_PREEMPTED, out[-3000:]
     stopped = metrics(d, "train")[-1]["step"]
     assert f"stopped at step {stopped} on SIGUSR1, checkpoint saved" in out, out[-3000:]
-    out = check_ok(run("mpirun", 2, args, timeout=600))
+    out = check_ok(run("mpirun", np_, args, timeout=600))
     assert f"at step {stopped}" in out and "resumed from" in out
     steps = [r["step"] for r in metrics(d, "train")]
     assert steps == [*range(10, STEPS, 10), STEPS], steps  # every window once: no step lost or repeated
@@ -45,6 +47,9 @@ def test_demo_preempted_resumed_and_accurate(tmp_path, strategy, backend, record
         assert all(0.2 < b / RESNET18_BYTES < 0.35 for b in per_step[1:-1]), per_step
     elif "powersgd" in strategy:  # rank-8 factors after step 10: a few percent of allreduce's bytes
         assert all(b < 0.1 * RESNET18_BYTES for b in per_step[2:]), per_step
+    elif "ps" in strategy:  # per replica: each worker pushes the gradient, the server returns the weights to each
+        assert all(abs(b / RESNET18_BYTES - 2.0) < 0.01 for b in per_step[1:-1]), per_step
+        assert all(r["staleness"] >= 0 for r in metrics(d, "train"))
     elif "gossip" in strategy:  # the model (+ BatchNorm's statistics) to one peer a step; a save's average adds more
         assert all(1.0 < b / RESNET18_BYTES < 1.01 for b in per_step[1:-1]), per_step
         assert all(r["peer_distance"] > 0 for r in metrics(d, "train"))
@@ -104,10 +109,11 @@ def test_gossip_on_one_rank_is_one_line(tmp_path):
 
 def test_parameter_server_trains_and_its_checkpoints_resume_on_allreduce_and_back(tmp_path):
     # configs/tiny.toml: 3 ranks = 2 workers + 1 server (the last rank), 64 samples / (2 workers x 8) = 4 steps per
-    # epoch; then 2 ranks on plain allreduce from the PS checkpoint, then the PS again from the allreduce one.
+    # epoch; then 2 ranks on plain allreduce from the PS checkpoint, then the PS again from the allreduce one, then
+    # asynchronous serving from the synchronous one.
     d = tmp_path / "run"
     tiny = ["-m", "hpctrain.resnet", "--config", "configs/tiny.toml", "--backend", "mpi", "--run-dir", str(d),
-            "--epochs", "3", "--optimizer", "adamw", "--lr", "0.001"]
+            "--epochs", "4", "--optimizer", "adamw", "--lr", "0.001"]
     ps = ["--sync", "ps", "--ps-servers", "1"]
     out = check_ok(run("mpirun", 3, [*tiny, *ps, "--max-steps", "4"]))
     assert "parameter server: the last 1 rank(s) hold the weights" in out and "x 2 replica(s)" in out, out[-2000:]
@@ -115,14 +121,17 @@ def test_parameter_server_trains_and_its_checkpoints_resume_on_allreduce_and_bac
     assert "at step 4" in out and "written by 3 rank(s), now 2" in out, out[-2000:]
     out = check_ok(run("mpirun", 3, [*tiny, *ps, "--max-steps", "12"]))
     assert "at step 8" in out, out[-2000:]
+    out = check_ok(run("mpirun", 3, [*tiny, *ps, "--ps-mode", "async", "--staleness", "1", "--max-steps", "16"]))
+    assert "at step 12" in out and "asynchronously: each gradient applied on arrival, a worker at most 1" in out
     records = metrics(d, "train")
-    assert [r["step"] for r in records] == list(range(1, 13))
-    ckpt = torch.load(d / "checkpoints" / "ckpt-00000012.pt", weights_only=True)
+    assert [r["step"] for r in records] == list(range(1, 17))
+    assert all(r["staleness"] >= 0 for r in records[12:]) and all("staleness" not in r for r in records[:12])
+    ckpt = torch.load(d / "checkpoints" / "ckpt-00000016.pt", weights_only=True)
     model_bytes = sum(v.numel() * v.element_size() for k, v in ckpt["model"].items() if "running" not in k
                       and v.is_floating_point())
     assert len(ckpt["optimizer"]["state"]) == sum(len(g["params"]) for g in ckpt["optimizer"]["param_groups"])
     # the job's bytes per replica (2 workers): each worker pushes the gradient once, the server returns it to both
-    for r in records[9:]:
+    for r in records[9:12]:
         assert r["sent_bytes_per_step"] == 2 * model_bytes, r
 
 

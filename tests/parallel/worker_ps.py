@@ -10,10 +10,13 @@ backends:
                                  both equal to the uninterrupted reference
     bytes                        a worker sends the gradient once per step, a server its range once per worker
     BatchNorm                    a save averages the running statistics over the workers only
+    asynchronous (mpi)           staleness 0 == synchronous (plain SGD); staleness 2 with a slow worker: the bound
+                                 held (the server's record), the fast worker ran ahead within it
 
 Prints `OK <rank> <json>` per rank (rank 0 prints all); any check that fails raises."""
 import argparse
 import copy
+import time
 
 import torch
 
@@ -114,6 +117,49 @@ def batchnorm_statistics(job: PSJob, b: str) -> dict:
     return {f"batchnorm_diff_{b}": d}
 
 
+class Slow(Exact):
+    """The same loss, this many seconds later: a slow worker."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+
+    def __call__(self, model, batch):
+        time.sleep(self.seconds)
+        return super().__call__(model, batch)
+
+
+def asynchronous(job: PSJob) -> dict:
+    """--ps-mode async. Staleness 0, plain SGD: the same weights as synchronous serving (each gradient applied on
+    arrival, scaled by 1/workers, sums the same update). Staleness 2 with worker 1 slowed: no reply ever let a worker
+    more than 2 pushes ahead of the slowest (the server's record), and worker 0 did run ahead (replies at leads 1
+    and 2: it did not wait while within the bound)."""
+    plain = dict(strategy="ps", ps_servers=job.servers, optimizer="sgd", momentum=0.0)
+    ts, ta = job.trainer("mpi", **plain), job.trainer("mpi", **plain, ps_mode="async", staleness=0)
+    job.train(ts, 4)
+    job.train(ta, 4)
+    d = compare_trainers(job, ts, ta)
+    check(d < EXACT, f"async with staleness 0 differs from sync by {d}")
+    t = job.trainer("mpi", **plain, ps_mode="async", staleness=2)
+    if job.rank == 1:
+        t.task = Slow(0.15)
+    job.train(t, 10)
+    job.checkpoint(t)  # a save pulls the servers' latest weights to every worker
+    record = t.optimizer.record() if job.serves else None
+    if record:
+        leads = record["leads"]
+        check(len(leads[0]) == 3 and sum(map(sum, leads)) == 2 * 10, f"the replies: {leads}")
+        check(leads[0][1] > 0 and leads[0][2] > 0, f"worker 0 never ran ahead: {leads}")
+        check(max(record["staleness"]) > 0, f"no gradient was stale: {record}")
+    every = job.runtimes["mpi"].backend.allgather_object(flat(t))  # a server's copy is stale by design
+    spread = max((w - every[0]).abs().max().item() for w in every[:job.workers])
+    check(spread == 0.0, f"after a save the workers' weights differ by {spread}")
+    return {"async_s0_vs_sync": d, "async_record": record, "settled_spread": spread}
+
+
+def compare_trainers(job, a, b) -> float:
+    return 0.0 if job.serves else (flat(a) - flat(b)).abs().max().item()
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--servers", type=int, default=1)
@@ -124,6 +170,7 @@ def main():
         for opt in ("sgd", "adamw"):
             out.update(run(job, b, opt))
         out.update(batchnorm_statistics(job, b))
+    out.update(asynchronous(job))
     report(job, out)
 
 

@@ -32,13 +32,13 @@ def test_traffic_counts_syncs_and_pauses():
             t.add(7)
     t.distance("peer_distance", 0.5)
     t.distance("peer_distance", 1.5)
-    assert t.take() == [140.0, 40.0, 1.0, 2.0, 2.0, 0.0, 0.0] and t.take() == [0.0] * 7
+    assert t.take() == [140.0, 40.0, 1.0, 2.0, 2.0, 0.0, 0.0, 0.0, 0.0] and t.take() == [0.0] * 9
     # summed over 2 ranks, a window of 10 steps -> per rank, per step, per average
     assert window_metrics([280.0, 80.0, 2.0], 10, 2) == {"sent_bytes": 140.0, "sent_bytes_per_step": 14.0,
                                                           "syncs": 1.0, "sent_bytes_per_sync": 40.0}
     assert window_metrics([280.0, 0.0, 0.0], 10, 2) == {"sent_bytes": 140.0, "sent_bytes_per_step": 14.0}
     # distances: the mean over every rank's values in the window; absent where none was taken
-    assert window_metrics([280.0, 0.0, 0.0, 3.0, 4.0, 0.0, 0.0], 10, 2) == {
+    assert window_metrics([280.0, 0.0, 0.0, 3.0, 4.0, 0.0, 0.0, 0.0, 0.0], 10, 2) == {
         "sent_bytes": 140.0, "sent_bytes_per_step": 14.0, "peer_distance": 0.75}
 
 
@@ -52,6 +52,9 @@ def test_policy_from_config_and_its_words():
     assert p.describe() == "PowerSGD rank 4 from step 10 (error feedback)"
     p = Policy.of(parse(["--sync", "gossip", "--gossip-graph", "ring"], "t"))
     assert (p.strategy, p.gossip_graph) == ("gossip", "ring") and "its two ring neighbours" in p.describe()
+    p = Policy.of(parse(["--sync", "ps", "--ps-mode", "async", "--staleness", "3"], "t"))
+    assert (p.ps_mode, p.staleness) == ("async", 3) and p.describe().endswith(
+        "asynchronously: each gradient applied on arrival, a worker at most 3 step(s) ahead of the slowest")
     assert Policy.of(parse(["--sync", "gossip"], "t")).gossip_graph == "exponential"
     p = Policy.of(parse(["--sync", "ps", "--ps-servers", "2"], "t"))
     assert p.ps_servers == 2 and p.describe().startswith("parameter server: the last 2 rank(s) hold the weights")
@@ -80,6 +83,9 @@ TF = ["--framework", "tf"]
     ([*TF, "--sync", "gossip"], "sync (--sync gossip): PyTorch-only"),
     ([*TF, "--sync", "ps"], "sync (--sync ps): PyTorch-only"),
     (["--sync", "ps", "--ps-servers", "0"], "sync.ps_servers (--ps-servers): 0 is below the minimum 1"),
+    (["--sync", "ps", "--ps-mode", "eventually"], "sync.ps_mode (--ps-mode): 'eventually' is not allowed (allowed: "
+                                                  "sync, async)"),
+    (["--sync", "ps", "--staleness", "-1"], "sync.staleness (--staleness): -1 is below the minimum 0"),
     (["--sync", "ps", "--pipeline-stages", "2"], "sync (--sync ps): not supported with --pipeline-stages 2"),
     (["--sync", "ps", "--amp", "fp16"], "dist.amp (--amp): 'fp16' loss scaling is not supported with --sync ps "
                                         "(allowed there: none, bf16)"),

@@ -26,7 +26,7 @@ from hpctrain.engine.torch.backends.base import nbytes, split_counts
 from hpctrain.engine.torch.pipeline.runtime import as_buffer
 from hpctrain.engine.torch.sync.zero import ShardedOptimizer, Zero
 
-GRADIENT, PARAMETERS = 71, 72  # message tags
+GRADIENT, PARAMETERS, SETTLE = 71, 72, 73  # message tags
 
 
 def check_servers(servers: int, size: int) -> None:
@@ -44,47 +44,112 @@ def assign_roles(backend, servers: int) -> None:
 
 
 class ServerShards(ShardedOptimizer):
-    """ZeRO-1's flat buffers, the optimizer's ranges owned by the servers only (a worker owns none)."""
+    """ZeRO-1's flat buffers, the optimizer's ranges owned by the servers only (a worker owns none).
 
-    def __init__(self, optimizer, backend, servers: int, comm):
-        self.comm, self.workers = comm, backend.size - servers
+    A worker's step, `exchange()`: post the receives of every server's updated range, push each server its range of
+    the gradient, wait for all (receives first: a server's reply never waits for the worker's push to another
+    server). A server's step, `serve()`: synchronous, every worker's gradient received, averaged in worker order,
+    one optimizer step, the range sent back to every worker; asynchronous, each gradient applied on arrival (scaled
+    by 1/workers) and the reply held back while its worker is more than `staleness` pushes ahead of the slowest
+    (stale synchronous parallel, Ho et al., NIPS 2013); the server's step ends once every worker pushed once
+    more."""
+
+    def __init__(self, optimizer, backend, servers: int, comm, staleness: int | None = None):
+        self.comm, self.workers, self.staleness = comm, backend.size - servers, staleness
         super().__init__(optimizer, backend, split=lambda total: [0] * self.workers + split_counts(total, servers))
         self.serves = backend.rank >= self.workers
         self.ranges = [(sum(self.counts[:r]), sum(self.counts[:r + 1])) for r in range(backend.size)]
         self._received = [torch.empty(self.hi - self.lo, dtype=self.flat.dtype) for _ in range(self.workers)] \
             if self.serves else []
+        # asynchronous serving: gradients received per worker, updates applied, the update each worker last pulled,
+        # workers waiting for their reply; the record: how far ahead each reply let its worker go (its push count
+        # minus the slowest's) and how many updates old each applied gradient's weights were
+        self.pushed, self.pulled_at = [0] * self.workers, [0] * self.workers
+        self.updates, self.served, self.pending = 0, 0, []
+        self.leads = [[0] * ((staleness or 0) + 1) for _ in range(self.workers)]
+        self.staleness_seen: dict[int, int] = {}
 
-    def reduce_gradients(self) -> None:
-        if not self.serves:  # push: each server its range of this worker's gradient
-            sends = []
-            for server in range(self.workers, self.backend.size):
-                lo, hi = self.ranges[server]
-                self.backend.traffic.add(nbytes([self.grads[lo:hi]]))
-                sends.append(self.comm.Isend(as_buffer(self.grads[lo:hi]), dest=server, tag=GRADIENT))
-            MPI.Request.Waitall(sends)
-            return
-        receives = [self.comm.Irecv(as_buffer(buf), source=w, tag=GRADIENT) for w, buf in enumerate(self._received)]
-        MPI.Request.Waitall(receives)
+    def exchange(self) -> None:
+        """A worker's step: the gradient pushed, the updated weights pulled."""
+        servers = range(self.workers, self.backend.size)
+        requests = [self.comm.Irecv(as_buffer(self.flat[lo:hi]), source=s, tag=PARAMETERS)
+                    for s, (lo, hi) in ((s, self.ranges[s]) for s in servers)]
+        for s in servers:
+            lo, hi = self.ranges[s]
+            self.backend.traffic.add(nbytes([self.grads[lo:hi]]))
+            requests.append(self.comm.Isend(as_buffer(self.grads[lo:hi]), dest=s, tag=GRADIENT))
+        MPI.Request.Waitall(requests)
+
+    def serve(self) -> None:
+        (self._serve_sync if self.staleness is None else self._serve_async)()
+
+    def _set_gradient(self, flat: torch.Tensor) -> None:
+        for _, _, view, at in self.pieces:
+            view.grad = flat[at:at + view.numel()]
+
+    def _reply(self, workers) -> list:
+        mine = self.flat[self.lo:self.hi]
+        self.backend.traffic.add(nbytes([mine]) * len(workers))
+        return [self.comm.Isend(as_buffer(mine), dest=w, tag=PARAMETERS) for w in workers]
+
+    def _serve_sync(self) -> None:
+        MPI.Request.Waitall([self.comm.Irecv(as_buffer(buf), source=w, tag=GRADIENT)
+                             for w, buf in enumerate(self._received)])
         mean = self._received[0].clone()
         for buf in self._received[1:]:
             mean += buf  # in worker order: the same sum on every run
-        mean /= self.workers
-        for _, _, view, at in self.pieces:
-            view.grad = mean[at:at + view.numel()]
+        self._set_gradient(mean.div_(self.workers))
+        self.local.step()
+        MPI.Request.Waitall(self._reply(range(self.workers)))
 
-    def step(self, closure=None):
-        if self.serves:
+    def _serve_async(self) -> None:
+        target, sends, status = self.served + 1, [], MPI.Status()
+        received = self._received[0]
+        while min(self.pushed) < target:
+            self.comm.Probe(source=MPI.ANY_SOURCE, tag=GRADIENT, status=status)
+            w = status.Get_source()
+            self.comm.Recv(as_buffer(received), source=w, tag=GRADIENT)
+            self.pushed[w] += 1
+            stale = self.updates - self.pulled_at[w]
+            self.staleness_seen[stale] = self.staleness_seen.get(stale, 0) + 1
+            self.backend.traffic.distance("staleness", stale)
+            self._set_gradient(received / self.workers)
             self.local.step()
-            mine = self.flat[self.lo:self.hi]
-            self.backend.traffic.add(nbytes([mine]) * self.workers)
-            MPI.Request.Waitall([self.comm.Isend(as_buffer(mine), dest=w, tag=PARAMETERS)
-                                 for w in range(self.workers)])
+            self.updates += 1
+            self.pending.append(w)
+            slowest, waiting = min(self.pushed), []
+            for p in self.pending:
+                lead = self.pushed[p] - slowest
+                if lead > self.staleness:
+                    waiting.append(p)  # too far ahead: its reply waits for the slowest
+                    continue
+                self.leads[p][lead] += 1
+                sends += self._reply([p])
+                self.pulled_at[p] = self.updates
+            self.pending = waiting
+            MPI.Request.Waitall(sends)  # each reply is from the weights as they are now
+            sends = []
+        self.served = target
+
+    def pull_latest(self) -> None:
+        """Before a save or an evaluation: every worker takes the servers' current weights (asynchronous serving
+        leaves the workers each with the weights of its own last reply)."""
+        if self.serves:
+            MPI.Request.Waitall(self._reply_settle())
             return
-        receives = []  # pull: every server's updated range into the flat parameters (the model's)
-        for server in range(self.workers, self.backend.size):
-            lo, hi = self.ranges[server]
-            receives.append(self.comm.Irecv(as_buffer(self.flat[lo:hi]), source=server, tag=PARAMETERS))
-        MPI.Request.Waitall(receives)
+        MPI.Request.Waitall([self.comm.Irecv(as_buffer(self.flat[lo:hi]), source=s, tag=SETTLE)
+                             for s, (lo, hi) in ((s, self.ranges[s]) for s in range(self.workers, self.backend.size))])
+
+    def _reply_settle(self) -> list:
+        mine = self.flat[self.lo:self.hi]
+        return [self.comm.Isend(as_buffer(mine), dest=w, tag=SETTLE) for w in range(self.workers)]
+
+    def record(self) -> dict:
+        """A server's record of its asynchronous serving: per worker, how many replies let it go how far ahead of
+        the slowest worker (index = pushes ahead), and how often an applied gradient was computed on weights that
+        many updates old."""
+        return {"leads": [list(row) for row in self.leads], "staleness": dict(sorted(self.staleness_seen.items())),
+                "bound": self.staleness, "updates": self.updates}
 
 
 class ParameterServer(Zero):
@@ -99,18 +164,20 @@ class ParameterServer(Zero):
         self.serves = backend.rank >= backend.size - self.servers
 
     def wrap(self, model, optimizer):
-        return model, ServerShards(optimizer, self.backend, self.servers, self.comm)
+        staleness = self.policy.staleness if self.policy.ps_mode == "async" else None
+        return model, ServerShards(optimizer, self.backend, self.servers, self.comm, staleness)
 
     def accumulation(self, model, last: bool):
         return contextlib.nullcontext()
 
     def step(self, model, optimizer, scaler, step: int) -> None:
-        optimizer.reduce_gradients()
-        optimizer.step()
+        (optimizer.serve if self.serves else optimizer.exchange)()
 
     def settle(self, model, optimizer, scaler) -> bool:
-        """The weights are the same on every worker; BatchNorm's running statistics are averaged over the workers
-        only (a server's never saw data)."""
+        """Every worker the servers' current weights (synchronous: it has them already); BatchNorm's running
+        statistics averaged over the workers only (a server's never saw data)."""
+        if optimizer.staleness is not None:
+            optimizer.pull_latest()
         workers = self.backend.size - self.servers
         for buf in self.backend.unwrap(model).buffers():
             if buf.is_floating_point():
