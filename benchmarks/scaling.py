@@ -49,7 +49,8 @@ Engines (`--engines`, a comma list of names or groups; default `torch`, today's 
   sync   the synchronization strategies (hpctrain.sync) on --backend mpi beside its plain allreduce and the ceiling:
          hpctrain_mpi, sync_local_sgd_k4 (--sync local-sgd --sync-period 4), sync_powersgd_r8 (--sync powersgd,
          rank 8, from step 2: the window's first 2 steps are the uncompressed start), sync_zero (--zero),
-         sync_gossip (--sync gossip, exponential graph: one peer per step), ceiling_no_comm. Rows of hpctrain
+         sync_gossip (--sync gossip, exponential graph: one peer per step), sync_ps and sync_ps_async (--sync ps,
+         the last rank a server: np-1 workers train), ceiling_no_comm. Rows of hpctrain
          also record sent_bytes_per_step: what the rank handed to its training collectives per step over the
          epoch (hpctrain's own count), and sent_vs_allreduce beside hpctrain_mpi.
   all    the torch and tf groups
@@ -76,7 +77,11 @@ TORCH_ENGINES = ("hpctrain_horovod", "hpctrain_mpi", "hpctrain_ddp", "plain_horo
 TF_ENGINES = ("tf_horovod", "tf_multiworker", "tf_mirrored")
 SYNC_ARGS = {"sync_local_sgd_k4": ("--sync", "local-sgd", "--sync-period", "4"),
              "sync_powersgd_r8": ("--sync", "powersgd", "--powersgd-rank", "8", "--powersgd-start", "2"),
-             "sync_zero": ("--zero",), "sync_gossip": ("--sync", "gossip")}
+             "sync_zero": ("--zero",), "sync_gossip": ("--sync", "gossip"),
+             "sync_ps": ("--sync", "ps"), "sync_ps_async": ("--sync", "ps", "--ps-mode", "async")}
+NEEDS_TWO = {"sync_gossip": "gossip needs >= 2 ranks (hpctrain refuses it on one)",
+             "sync_ps": "a parameter server needs >= 2 ranks (a server and a worker)",
+             "sync_ps_async": "a parameter server needs >= 2 ranks (a server and a worker)"}
 SYNC_ENGINES = tuple(SYNC_ARGS)
 GROUPS = {"torch": TORCH_ENGINES, "tf": TF_ENGINES, "all": TORCH_ENGINES + TF_ENGINES,
           "sync": ("hpctrain_mpi", *SYNC_ENGINES, "ceiling_no_comm")}
@@ -153,10 +158,10 @@ def hpctrain_rate(np_: int, a, backend: str, framework: str = "torch", replicas:
         return epochs[0]["samples_per_s_rank"] * np_
 
 
-def gossip_rate(n: int, a) -> float:
+def two_or_more_rate(n: int, a, row: str) -> float:
     if n < 2:
-        raise Skipped("gossip needs >= 2 ranks (hpctrain refuses it on one)")
-    return hpctrain_rate(n, a, "mpi", extra=SYNC_ARGS["sync_gossip"], row="sync_gossip")
+        raise Skipped(NEEDS_TWO[row])
+    return hpctrain_rate(n, a, "mpi", extra=SYNC_ARGS[row], row=row)
 
 
 def tf_multiworker_rate(n: int, a) -> float:
@@ -232,13 +237,13 @@ def parse_engines(text: str) -> list[str]:
 
 
 def efficiency_baseline(engine: str, base: dict) -> str | None:
-    """The engine whose np=1 rate is T(1) for `engine`: its own, else (tf_multiworker) tf_horovod's, (sync_gossip)
-    hpctrain_mpi's."""
+    """The engine whose np=1 rate is T(1) for `engine`: its own, else (tf_multiworker) tf_horovod's, (gossip, the
+    parameter server) hpctrain_mpi's."""
     if base.get(engine):
         return engine
     if engine == "tf_multiworker" and base.get("tf_horovod"):
         return "tf_horovod"
-    if engine == "sync_gossip" and base.get("hpctrain_mpi"):  # one rank has no peer: it trains as plain mpi
+    if engine in NEEDS_TWO and base.get("hpctrain_mpi"):  # no peer or no server at np=1: plain mpi's T(1)
         return "hpctrain_mpi"
     return None
 
@@ -302,8 +307,8 @@ def measure(a, engines: list[str]) -> None:
                "hpctrain_horovod": lambda n: hpctrain_rate(n, a, "horovod", row="hpctrain_horovod"),
                "hpctrain_ddp": lambda n: hpctrain_rate(n, a, "ddp", row="hpctrain_ddp"),
                **{name: (lambda n, extra=extra, name=name: hpctrain_rate(n, a, "mpi", extra=extra, row=name))
-                  for name, extra in SYNC_ARGS.items()},
-               "sync_gossip": lambda n: gossip_rate(n, a),
+                  for name, extra in SYNC_ARGS.items() if name not in NEEDS_TWO},
+               **{name: (lambda n, name=name: two_or_more_rate(n, a, name)) for name in NEEDS_TWO},
                "plain_horovod_cycle10ms": lambda n: plain_rate(n, a, {"HOROVOD_CYCLE_TIME": "10"}),
                "plain_horovod_default": lambda n: plain_rate(n, a, {}),
                "ceiling_no_comm": lambda n: plain_rate(n, a, {"HOROVOD_CYCLE_TIME": "10"}, ("--no-comm",)),

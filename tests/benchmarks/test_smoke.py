@@ -153,7 +153,7 @@ def test_pipeline_smoke(tmp_path):
 
 def test_scaling_sync_smoke(tmp_path):
     # the synchronization strategies beside plain allreduce on --backend mpi, np=2 only: the bytes each hands over
-    engines = "hpctrain_mpi,sync_local_sgd_k4,sync_powersgd_r8,sync_zero,sync_gossip"
+    engines = "hpctrain_mpi,sync_local_sgd_k4,sync_powersgd_r8,sync_zero,sync_gossip,sync_ps"
     p = run("single", 1, ["benchmarks/scaling.py", "--min-np", "2", "--max-np", "2", "--image-size", "32",
                           "--batch-size", "4", "--steps", "4", "--engines", engines, "--out", str(tmp_path)],
             timeout=600)
@@ -168,3 +168,4 @@ def test_scaling_sync_smoke(tmp_path):
     assert 0.2 < sent["sync_local_sgd_k4"] < 0.3 and 0.5 < sent["sync_powersgd_r8"] < 0.6, sent
     assert abs(sent["sync_zero"] - 1.5) < 0.01, sent
     assert 1.0 < sent["sync_gossip"] < 1.01, sent  # the model and BatchNorm's statistics to the one peer, each step
+    assert abs(sent["sync_ps"] - 2.0) < 0.01, sent  # per replica (1 worker): the gradient up, the weights down
