@@ -118,7 +118,7 @@ def free_port_base(n: int) -> int:
 
 
 def hpctrain_rate(np_: int, a, backend: str, framework: str = "torch", replicas: int = 1, threads: int = 1,
-                  extra: tuple = (), row: str = "") -> float:
+                  extra: tuple = (), row: str = "", servers: int = 0) -> float:
     """Total samples/s of `np_` processes, each with `replicas` replicas of --batch-size (mirrored: 1 process,
     n replicas). The epoch record's samples_per_s_rank is the process's own rate after 2 warm-up steps,
     counting every sample the process trains per step (hpctrain's samples_per_step = batch x micro-batches
@@ -129,8 +129,10 @@ def hpctrain_rate(np_: int, a, backend: str, framework: str = "torch", replicas:
 
     The epoch figure excludes the end-of-epoch checkpoint save: since hpctrain.loop's fix the epoch rate
     is taken when its last training step ends, before the save (earlier results, before that fix, had
-    the save inside the window and are lower by it)."""
-    samples = np_ * replicas * a.batch_size * a.steps  # one epoch = exactly --steps steps
+    the save inside the window and are lower by it). A parameter server's `servers` processes train on no data:
+    the np - servers workers count."""
+    trainers = np_ - servers
+    samples = trainers * replicas * a.batch_size * a.steps  # one epoch = exactly --steps steps
     if a.model == "bert":
         data = ["-m", "hpctrain.bert", "--corpus", a.corpus.subset(samples), "--val-fraction", "0",
                 "--preset", a.bert_preset, "--optimizer", "adamw", "--lr", str(BERT_LR)]
@@ -155,13 +157,13 @@ def hpctrain_rate(np_: int, a, backend: str, framework: str = "torch", replicas:
             if all("sent_bytes" in r for r in train):
                 MEASURED[row, np_]["sent_bytes_per_step"] = sum(r["sent_bytes"] for r in train) / a.steps
         # processes move in lock-step (one reduction every step): one process's rate x processes = total
-        return epochs[0]["samples_per_s_rank"] * np_
+        return epochs[0]["samples_per_s_rank"] * trainers
 
 
 def two_or_more_rate(n: int, a, row: str) -> float:
     if n < 2:
         raise Skipped(NEEDS_TWO[row])
-    return hpctrain_rate(n, a, "mpi", extra=SYNC_ARGS[row], row=row)
+    return hpctrain_rate(n, a, "mpi", extra=SYNC_ARGS[row], row=row, servers=1 if "ps" in row else 0)
 
 
 def tf_multiworker_rate(n: int, a) -> float:
