@@ -59,10 +59,11 @@ class ServerShards(ShardedOptimizer):
     A worker's step, `exchange()`: post the receives of every server's updated range, push each server its range of
     the gradient, wait for all (receives first: a server's reply never waits for the worker's push to another
     server). A server's step, `serve()`: synchronous, every worker's gradient received, averaged in worker order,
-    one optimizer step, the range sent back to every worker; asynchronous, each gradient applied on arrival (scaled
-    by 1/workers) and the reply held back while its worker is more than `staleness` pushes ahead of the slowest
-    (stale synchronous parallel, Ho et al., NIPS 2013); the server's step ends once every worker pushed once
-    more."""
+    one optimizer step, the range sent back to every worker; asynchronous, each gradient applied on arrival with
+    1/workers of the step's learning rate (for SGD the same as 1/workers of the gradient; for Adam, whose step does
+    not scale with the gradient, the only way W arrivals make one step's worth) and the reply held back while its
+    worker is more than `staleness` pushes ahead of the slowest (stale synchronous parallel, Ho et al., NIPS 2013);
+    the server's step ends once every worker pushed once more."""
 
     def __init__(self, optimizer, backend, servers: int, comm, staleness: int | None = None):
         self.comm, self.workers, self.staleness = comm, backend.size - servers, staleness
@@ -114,6 +115,8 @@ class ServerShards(ShardedOptimizer):
     def _serve_async(self) -> None:
         target, sends, status = self.served + 1, [], MPI.Status()
         received = self._received[0]
+        for group in self.local.param_groups:  # the step's LR (set by the trainer) shared by the workers' updates:
+            group["lr"] /= self.workers       # SGD's as scaling each gradient; Adam's, decay's too (scale-free)
         while min(self.pushed) < target:
             while not self.comm.Iprobe(source=MPI.ANY_SOURCE, tag=GRADIENT, status=status):
                 time.sleep(POLL_S)
@@ -123,7 +126,7 @@ class ServerShards(ShardedOptimizer):
             stale = self.updates - self.pulled_at[w]
             self.staleness_seen[stale] = self.staleness_seen.get(stale, 0) + 1
             self.backend.traffic.distance("staleness", stale)
-            self._set_gradient(received / self.workers)
+            self._set_gradient(received)
             self.local.step()
             self.updates += 1
             self.pending.append(w)
