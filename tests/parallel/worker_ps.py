@@ -93,6 +93,8 @@ def run(job: PSJob, b: str, opt: str) -> dict:
                     d_format = max(d_format, (v - mine[i][k]).abs().max().item())
         check(d_format < EXACT, f"{b} {opt}: the consolidated state differs from the reference's by {d_format}")
     resumed = job.resumed(b, state, **options)  # the PS from its own checkpoint
+    # the trainer's per-step learning rate must reach the loaded optimizer (load_state_dict replaces its groups)
+    check(resumed.optimizer.param_groups is resumed.optimizer.local.param_groups, f"{b}: stale param groups")
     plain_model, plain_opt = copy.deepcopy((model, optimizer))  # the reference goes on (one copy: linked)
     for _ in range(2):
         job.train(resumed, 1)

@@ -298,6 +298,8 @@ def zero_checkpoints(job: Job, b: str, plain, sharded, options) -> dict:
         check(format_diff < EXACT, f"{b}: the consolidated optimizer state differs from the unsharded one")
     without = job.resumed(b, mine, **options)  # a ZeRO checkpoint, resumed without ZeRO
     with_zero = job.resumed(b, theirs, zero=True, **options)  # an unsharded one, resumed with ZeRO
+    inner = getattr(with_zero.optimizer, "local", None)  # ours (horovod, mpi): the trainer's LR must reach it
+    check(inner is None or with_zero.optimizer.param_groups is inner.param_groups, f"{b}: stale param groups")
     for t in (plain, sharded, without, with_zero):
         job.train(t, 3)
     d = max(diff(plain, without), diff(plain, with_zero), diff(plain, sharded))

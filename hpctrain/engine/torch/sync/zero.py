@@ -172,6 +172,9 @@ class ShardedOptimizer:
         groups = [{**hyper(saved), "params": [index[id(v)] for v in local["params"]]}
                   for saved, local in zip(whole["param_groups"], self.local.param_groups)]
         self.local.load_state_dict({"state": local_state, "param_groups": groups})
+        # load_state_dict replaces the local optimizer's group dicts: point ours at the new ones, or the trainer's
+        # per-step learning rate would go to the old dicts and the run go on at the checkpoint's rate
+        self.param_groups = self.local.param_groups
 
 
 class Zero(Sync):
