@@ -23,8 +23,7 @@ RESNET18_BYTES = 11_181_642 * 4  # the float32 parameters of ResNet-18 with 10 c
     (["--sync", "gossip"], "mpi", 2), (["--sync", "ps"], "mpi", 3)],
     ids=["local-sgd", "powersgd", "zero", "gossip", "ps"])
 def test_demo_preempted_resumed_and_accurate(tmp_path, strategy, backend, np_, record_property):
-    # the parameter server: 2 workers (the demo's 2 replicas) + 1 server, synchronous (asynchronous through a stop
-    # and resume reached 0.65-0.71 where an uninterrupted run reaches 0.90: open)
+    # the parameter server: 2 workers (the demo's 2 replicas) + 1 server, synchronous
     d = tmp_path / "run"
     args = [*DEMO, *strategy, "--backend", backend, "--run-dir", str(d)]
     job = start(np_, args)
