@@ -162,7 +162,7 @@ class Window:
                   "samples_per_s_rank": rates / e.data_size, "samples_per_s_total": rates,
                   "peak_rss_mib": peak / processes, "rss_mib": now / processes}
         if sent:  # bytes per rank in the window, per step, per model average
-            result.update(window_metrics(sent, self.steps, e.data_size // e.local_replicas))
+            result.update(window_metrics(sent, self.steps, e.data_size // e.local_replicas, counter.shapes()))
         if busy:
             first = self.watch is None  # its steps warm up (allocator, caches, connections): nothing is named
             if first:

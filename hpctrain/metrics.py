@@ -114,6 +114,10 @@ class MetricsLogger:
 #   staleness           (an asynchronous parameter server) how many updates old the weights were that an applied
 #                       gradient was computed on
 DISTANCES = ("peer_distance", "consensus_distance", "staleness")
+# Counted per replica where a strategy enables it on every rank (`Traffic.histogram`):
+#   staleness_histogram (an asynchronous parameter server) per worker, how many of its gradients were applied on
+#                       weights 0, 1, 2, ... updates old (the last bin: that many or more)
+HISTOGRAMS = ("staleness_histogram",)
 
 
 class Traffic:
@@ -125,7 +129,23 @@ class Traffic:
     def __init__(self):
         self.sent = self.sync_bytes = self.syncs = 0
         self.distances = {name: [0.0, 0] for name in DISTANCES}  # sum, count since the last take()
+        self.histograms: dict[str, list[list[float]]] = {}  # name -> rows x bins, counts since the last take()
         self._in_sync = self._paused = False
+
+    def histogram(self, name: str, rows: int, bins: int) -> None:
+        """Count `name` (one of `HISTOGRAMS`) per row from now on; every rank must enable the same ones (the
+        window's reduction sums equal-length vectors)."""
+        if name not in HISTOGRAMS:
+            raise ValueError(f"unknown histogram {name!r}; known: {', '.join(HISTOGRAMS)}")
+        self.histograms[name] = [[0.0] * bins for _ in range(rows)]
+
+    def count(self, name: str, row: int, value: int) -> None:
+        counts = self.histograms[name][row]
+        counts[min(int(value), len(counts) - 1)] += 1
+
+    def shapes(self) -> list[tuple[str, int, int]]:
+        """The enabled histograms as (name, rows, bins), in `take()`'s order."""
+        return [(name, len(h), len(h[0]) if h else 0) for name, h in self.histograms.items()]
 
     def distance(self, name: str, value: float) -> None:
         """How far this rank's model was from another (`DISTANCES`): logged as the mean over ranks and the window."""
@@ -158,19 +178,25 @@ class Traffic:
             self._paused = was
 
     def take(self) -> list[float]:
-        """[bytes, of which in syncs, syncs, then a sum and a count per distance] since the last call."""
+        """[bytes, of which in syncs, syncs, then a sum and a count per distance, then each enabled histogram's
+        counts row by row] since the last call."""
         out = [float(self.sent), float(self.sync_bytes), float(self.syncs)]
         for name in DISTANCES:
             out += [self.distances[name][0], float(self.distances[name][1])]
             self.distances[name] = [0.0, 0]
+        for rows in self.histograms.values():
+            for row in rows:
+                out += row
+                row[:] = [0.0] * len(row)
         self.sent = self.sync_bytes = self.syncs = 0
         return out
 
 
-def window_metrics(summed: list[float], steps: int, ranks: int) -> dict:
+def window_metrics(summed: list[float], steps: int, ranks: int, histograms=()) -> dict:
     """`Traffic.take()` summed over the job for a window of `steps` steps -> the metrics logged per window: per
     replica (the sum over `ranks` data-parallel replicas: every rank, or with a parameter server the workers, its
-    servers' bytes included) in the window, per step, and per model average (local SGD)."""
+    servers' bytes included) in the window, per step, and per model average (local SGD); the histograms
+    (`Traffic.shapes()`) as the job's counts, one list per row, trailing empty bins dropped."""
     sent, sync_bytes, syncs = (v / max(1, ranks) for v in summed[:3])
     out = {"sent_bytes": sent, "sent_bytes_per_step": sent / max(1, steps)}
     if syncs:
@@ -179,4 +205,11 @@ def window_metrics(summed: list[float], steps: int, ranks: int) -> dict:
         total, count = summed[3 + 2 * i:5 + 2 * i] if len(summed) >= 5 + 2 * i else (0.0, 0.0)
         if count:
             out[name] = total / count
+    at = 3 + 2 * len(DISTANCES)
+    for name, rows, bins in histograms:
+        counts = [[int(c) for c in summed[at + r * bins:at + (r + 1) * bins]] for r in range(rows)]
+        at += rows * bins
+        width = max((max((i + 1 for i, c in enumerate(row) if c), default=0) for row in counts), default=0)
+        if width:
+            out[name] = [row[:width] for row in counts]
     return out

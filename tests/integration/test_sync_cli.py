@@ -125,6 +125,9 @@ def test_parameter_server_trains_and_its_checkpoints_resume_on_allreduce_and_bac
     records = metrics(d, "train")
     assert [r["step"] for r in records] == list(range(1, 17))
     assert all(r["staleness"] >= 0 for r in records[12:]) and all("staleness" not in r for r in records[:12])
+    # per worker, how old the weights were that its gradients were applied on: each of its 4 pushes counted once
+    rows = [r["staleness_histogram"] for r in records[12:]]
+    assert [sum(sum(w[i]) for w in rows) for i in range(2)] == [4, 4], rows
     ckpt = torch.load(d / "checkpoints" / "ckpt-00000016.pt", weights_only=True)
     model_bytes = sum(v.numel() * v.element_size() for k, v in ckpt["model"].items() if "running" not in k
                       and v.is_floating_point())

@@ -144,10 +144,16 @@ def asynchronous(job: PSJob) -> dict:
     t = job.trainer("mpi", **plain, ps_mode="async", staleness=2)
     if job.rank == 1:
         t.task = Slow(0.15)
+    t.traffic.take()
     job.train(t, 10)
+    histogram = t.traffic.take()[9:]  # the metrics' per-worker staleness counts: worker 0's bins, then worker 1's
     job.checkpoint(t)  # a save pulls the servers' latest weights to every worker
     record = t.optimizer.record() if job.serves else None
     if record:
+        rows = [histogram[:len(histogram) // 2], histogram[len(histogram) // 2:]]
+        check(all(sum(row) == 10 for row in rows), f"each worker's 10 gradients in its row: {rows}")
+        check({i: int(a + b) for i, (a, b) in enumerate(zip(*rows)) if a + b} == record["staleness"],
+              f"the metrics' histogram {rows} is not the server's record {record['staleness']}")
         leads = record["leads"]
         check(len(leads[0]) == 3 and sum(map(sum, leads)) == 2 * 10, f"the replies: {leads}")
         check(leads[0][1] > 0 and leads[0][2] > 0, f"worker 0 never ran ahead: {leads}")
@@ -155,7 +161,8 @@ def asynchronous(job: PSJob) -> dict:
     every = job.runtimes["mpi"].backend.allgather_object(flat(t))  # a server's copy is stale by design
     spread = max((w - every[0]).abs().max().item() for w in every[:job.workers])
     check(spread == 0.0, f"after a save the workers' weights differ by {spread}")
-    return {"async_s0_vs_sync": d, "async_record": record, "settled_spread": spread}
+    return {"async_s0_vs_sync": d, "async_record": record, "async_histogram": histogram if record else None,
+            "settled_spread": spread}
 
 
 def compare_trainers(job, a, b) -> float:

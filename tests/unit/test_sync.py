@@ -42,6 +42,23 @@ def test_traffic_counts_syncs_and_pauses():
         "sent_bytes": 140.0, "sent_bytes_per_step": 14.0, "peer_distance": 0.75}
 
 
+def test_traffic_histograms_per_row():
+    t = Traffic()
+    with pytest.raises(ValueError, match="unknown histogram 'lag'; known: staleness_histogram"):
+        t.histogram("lag", 2, 3)
+    t.histogram("staleness_histogram", 2, 3)
+    for row, value in [(0, 0), (0, 1), (1, 0), (1, 7), (1, 2)]:  # 7: past the last bin, counted in it
+        t.count("staleness_histogram", row, value)
+    taken = t.take()
+    assert taken[9:] == [1.0, 1.0, 0.0, 1.0, 0.0, 2.0] and t.take()[9:] == [0.0] * 6
+    shapes = t.shapes()
+    assert shapes == [("staleness_histogram", 2, 3)]
+    # summed over 2 servers; trailing bins empty in every row dropped; none counted: absent
+    summed = [0.0] * 9 + [3.0, 1.0, 0.0, 2.0, 0.0, 0.0]
+    assert window_metrics(summed, 1, 2, shapes)["staleness_histogram"] == [[3, 1], [2, 0]]
+    assert "staleness_histogram" not in window_metrics([0.0] * 15, 1, 2, shapes)
+
+
 def test_policy_from_config_and_its_words():
     assert Policy.of(TrainConfig()).default and Policy.of(object()).default
     cfg = parse(["--sync", "local-sgd", "--sync-period", "8", "--sync-warmup", "100"], "t")

@@ -79,6 +79,8 @@ class ServerShards(ShardedOptimizer):
         self.updates, self.served, self.pending = 0, 0, []
         self.leads = [[0] * ((staleness or 0) + 1) for _ in range(self.workers)]
         self.staleness_seen: dict[int, int] = {}
+        if staleness is not None:  # every rank: the window's reduction carries it; bins past what SSP allows
+            backend.traffic.histogram("staleness_histogram", self.workers, (self.workers - 1) * (staleness + 2) + 2)
 
     def exchange(self) -> None:
         """A worker's step: the gradient pushed, the updated weights pulled."""
@@ -126,6 +128,7 @@ class ServerShards(ShardedOptimizer):
             stale = self.updates - self.pulled_at[w]
             self.staleness_seen[stale] = self.staleness_seen.get(stale, 0) + 1
             self.backend.traffic.distance("staleness", stale)
+            self.backend.traffic.count("staleness_histogram", w, stale)
             self._set_gradient(received)
             self.local.step()
             self.updates += 1
