@@ -9,6 +9,11 @@ per rank and over all ranks; engines alternate within each repeat. Horovod varia
 fp16 compression) need
 a fresh hvd.init, which works because mpi4py owns MPI (Horovod then leaves it initialised on shutdown).
 
+--link-rate RATE (e.g. 1gbit, tc's units) names the rate of the slowest link between the ranks' hosts: every row
+then also carries busbw / link rate (in a ring each rank sends and receives 2(n-1)/n of the message, so busbw
+cannot pass the rate of one direction of a link), the physical limit beside the engines (see
+benchmarks/network_allreduce.py, which runs this across hosts with shaped links).
+
 --tf-strategy adds `tf_multiworker_ring`: the collective of hpctrain's TF `--backend multiworker`
 (MultiWorkerMirroredStrategy, RING = gRPC, one worker per rank, built by hpctrain's own MultiWorkerBackend
 with the TF_CONFIG it derives from this mpirun, on free ports), timed as one tf.function call of
@@ -148,9 +153,12 @@ def main():
                    help="also time the MultiWorkerMirroredStrategy RING collective of hpctrain's TF engine (np >= 2)")
     p.add_argument("--tf-port-base", type=int, default=0,
                    help="--tf-strategy: worker k listens on base + k (0: rank 0 finds free ports)")
+    p.add_argument("--link-rate", default="",
+                   help="the slowest link's rate between the ranks' hosts (e.g. 1gbit): rows get busbw / link rate")
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--tag", default="")
     a = p.parse_args()
+    link_GBps = link_rate_GBps(a.link_rate, p) if a.link_rate else None
 
     import horovod.torch as hvd
 
@@ -198,6 +206,8 @@ def main():
                      "algbw_GBps": mean, "algbw_ci95": ci, "busbw_GBps": mean * bus_factor,
                      "busbw_ci95": ci * bus_factor,
                      "per_rank_algbw_GBps": [stats([nbytes / x / 1e9 for x in r]) for r in all_ranks]})
+        if link_GBps and engine != "numpy_copy":
+            rows[-1]["busbw_vs_link"] = mean * bus_factor / link_GBps
         print(f"{engine:>22} {nbytes:>11} B  algbw {mean:7.3f} +/- {ci:.3f} GB/s  busbw {mean * bus_factor:7.3f}",
               flush=True)
 
@@ -230,12 +240,28 @@ def main():
         hvd_env = {k: v for k, v in os.environ.items() if k.startswith("HOROVOD_")}
         save_results("allreduce", {"np": n, "device": str(device), "horovod_env_at_start": start_env,
                                    "horovod_env_at_end": hvd_env, "tf_strategy": tf_info, "rows": rows,
+                                   "link_rate": a.link_rate or None, "link_GBps": link_GBps,
                                    "ratios": ratios(rows)}, a.out, a.tag, plot=plot)
 
 
+def link_rate_GBps(rate: str, parser) -> float:
+    """'1gbit' -> 0.125 (GB/s), tc's units."""
+    units = {"gbit": 1e9, "mbit": 1e6, "kbit": 1e3}
+    for unit, factor in units.items():
+        head = rate.lower().removesuffix(unit)
+        if head != rate.lower():
+            try:
+                bits = float(head) * factor
+            except ValueError:
+                break
+            if bits > 0:
+                return bits / 8 / 1e9
+    parser.error(f"--link-rate {rate!r}: expected a positive number followed by gbit, mbit or kbit (e.g. 1gbit)")
+
+
 def ratios(rows) -> dict:
-    """Per size: hpctrain / horovod, best engine / numpy copy, and with --tf-strategy the TF ring / horovod
-    and / mpi4py (busbw)."""
+    """Per size: hpctrain / horovod, best engine / numpy copy, with --link-rate the best engine / link rate (and
+    which engine), and with --tf-strategy the TF ring / horovod and / mpi4py (busbw)."""
     by = {(r["engine"], r["bytes"]): r["busbw_GBps"] for r in rows}
     out = {}
     for nbytes in sorted({r["bytes"] for r in rows}):
@@ -244,6 +270,12 @@ def ratios(rows) -> dict:
             out[str(nbytes)] = {"hpctrain_vs_horovod": by["hpctrain", nbytes] / by["horovod", nbytes],
                                 "best_engine_vs_numpy_copy": best / by["numpy_copy", nbytes],
                                 "mpi4py_vs_horovod": by["mpi4py", nbytes] / by["horovod", nbytes]}
+            # compressed variants move half the bytes: their busbw (of the uncompressed size) can pass the link
+            links = {e: r["busbw_vs_link"] for r in rows for e in [r["engine"]]
+                     if r["bytes"] == nbytes and "busbw_vs_link" in r and "fp16" not in e}
+            if links:
+                engine = max(links, key=links.get)
+                out[str(nbytes)].update(best_engine_vs_link=links[engine], best_engine=engine)
             if ("tf_multiworker_ring", nbytes) in by:
                 tf_ring = by["tf_multiworker_ring", nbytes]
                 out[str(nbytes)].update(tf_multiworker_ring_vs_horovod=tf_ring / by["horovod", nbytes],

@@ -192,6 +192,15 @@ class Hosts:
         return ["ip", "netns", "exec", self.ns(name), "unshare", "--uts", "sh", "-c",
                 f'hostname {shlex.quote(name)} && exec "$@"', "sh"]
 
+    def mpirun_prefix(self, names=None, slots: int = 1) -> list[str]:
+        """What a user on the first host types to start `slots` ranks per host over ssh, Open MPI's TCP on the
+        hosts' /24 (pass the environment on with `-x VAR`, then the command)."""
+        names = names or self.names
+        return ["mpirun", "-np", str(slots * len(names)), "-H", self.hostlist(names, slots), "--bind-to", "none",
+                "--mca", "plm_rsh_agent", f"ssh -F {self.ssh_config_file}",
+                "--mca", "btl", "self,tcp", "--mca", "btl_tcp_if_include", self.cidr,
+                "--mca", "oob_tcp_if_include", self.cidr]
+
     def run(self, name: str, cmd: list[str], check: bool = False, **kw) -> subprocess.CompletedProcess:
         kw.setdefault("capture_output", True)
         kw.setdefault("text", True)

@@ -32,10 +32,7 @@ def host_env(hosts: Hosts, **extra) -> dict:
 
 def mpirun(hosts: Hosts, names: list[str], args: list[str], where: Path | None = None) -> list[str]:
     """What a user on `names[0]` types: one rank per host, over ssh, Open MPI's TCP on the hosts' /24."""
-    cmd = ["mpirun", "-np", str(len(names)), "-H", hosts.hostlist(names), "--bind-to", "none",
-           "--mca", "plm_rsh_agent", f"ssh -F {hosts.ssh_config_file}",
-           "--mca", "btl", "self,tcp", "--mca", "btl_tcp_if_include", hosts.cidr,
-           "--mca", "oob_tcp_if_include", hosts.cidr]
+    cmd = hosts.mpirun_prefix(names)
     for var in ("PATH", "PYTHONPATH", "PYTHONUNBUFFERED", "OMP_NUM_THREADS", *["HPXT_WHERE"] * bool(where)):
         cmd += ["-x", var]
     wrap = ["bash", "-c", WHERE, "_"] if where else []
