@@ -27,6 +27,8 @@ def parse_args(argv):
                       "or under mpirun/horovodrun/srun (rank 0 prints).")
     p.add_argument("--run-dir", default="runs/default", help="directory to write-test (default: runs/default)")
     p.add_argument("--json", action="store_true", help="print one JSON document instead of lines")
+    p.add_argument("--json-file", metavar="PATH",
+                   help="also write that JSON document to PATH (rank 0): horovodrun tags and splits long lines")
     p.add_argument("--bytes", type=int, default=16 << 20,
                    help="allreduce/broadcast size, and the network check's message size (default: 16 MiB)")
     p.add_argument("--timeout", type=float, default=120.0,

@@ -6,6 +6,7 @@ from dataclasses import asdict
 
 from hpctrain.doctor.common import Check, Context, say
 from hpctrain.doctor.registry import SEVERITY, position
+from hpctrain.files import atomic_write
 
 SAME_FIX = "ranks should see the same: one shared installation, alike nodes and settings"
 
@@ -37,10 +38,12 @@ def merge(everyone: list) -> list[Check]:
 def report(ctx: Context, checks: list[Check], launch: str) -> None:
     """The lines, each followed by its check's table rows if it left any (ctx.facts["tables"][name], indented);
     or one JSON document, with what checks left in ctx.facts["json"] as top-level keys (the network table)."""
+    document = json.dumps({"checks": [asdict(ch) for ch in checks], "launch": launch,
+                           "launcher": ctx.cluster.launcher, "ranks": ctx.cluster.size, **ctx.facts.get("json", {})})
+    if getattr(ctx.args, "json_file", None):  # whole, where a launcher tags or splits long output lines
+        atomic_write(ctx.args.json_file, lambda f: f.write(document.encode() + b"\n"))
     if ctx.args.json:
-        return say(json.dumps({"checks": [asdict(ch) for ch in checks], "launch": launch,
-                               "launcher": ctx.cluster.launcher, "ranks": ctx.cluster.size,
-                               **ctx.facts.get("json", {})}))
+        return say(document)
     tables = ctx.facts.get("tables", {})
     for ch in checks:
         say(ch.line())

@@ -85,9 +85,10 @@ def test_single_process_passes_and_json_lists_the_same_checks(tmp_path):
         assert (" -> " in rest) == (status == "WARN"), rest
     assert "absl" not in p.stderr and "cuda" not in p.stderr.lower(), p.stderr  # TF's start-up lines captured
 
-    j = doctor("single", 1, "--run-dir", str(run_dir), "--json")
+    j = doctor("single", 1, "--run-dir", str(run_dir), "--json", "--json-file", str(tmp_path / "doctor.json"))
     check_ok(j)
     doc = json.loads(j.stdout)
+    assert json.loads((tmp_path / "doctor.json").read_text()) == doc  # --json-file: the same document, whole
     assert [c["name"] for c in doc["checks"]] == [n for n in found if n != "launch"]
     assert [c["status"] for c in doc["checks"]] == [s for n, (s, _) in found.items() if n != "launch"]
     assert doc["launch"] == found["launch"][1] and doc["ranks"] == 1

@@ -84,15 +84,22 @@ def test_mpirun_resnet_over_ssh_ranks_on_two_hosts_gradients_cross_the_link(host
         assert after[way] - before[way] >= 0.9 * handed, (way, before, after, handed)
 
 
-def test_doctor_under_mpirun_reports_both_hosts(hosts, tmp_path):
-    p = on_host(hosts, "host1", mpirun(hosts, ["host1", "host2"], [
-        "-m", "hpctrain.doctor", "--json", "--bytes", str(1 << 20), "--timeout", "60",
-        "--run-dir", str(tmp_path / "doctor")]), timeout=120)
-    report = json.loads([line for line in p.stdout.splitlines() if line.startswith("{")][-1])
+@pytest.mark.parametrize("launcher", ["mpirun", "horovodrun"])
+def test_doctor_under_a_launcher_reports_both_hosts(hosts, tmp_path, launcher):
+    # horovodrun tags every chunk of a rank's output ("[1,0]<stdout>:"), also inside a long line: the document
+    # is read from --json-file there
+    doctor = ["-m", "hpctrain.doctor", "--bytes", str(1 << 20), "--timeout", "60",
+              "--run-dir", str(tmp_path / "doctor"), "--json-file", str(tmp_path / "doctor.json")]
+    cmd = (mpirun if launcher == "mpirun" else horovodrun)(hosts, ["host1", "host2"], doctor)
+    p = on_host(hosts, "host1", cmd, timeout=150)
+    assert "PASS" in p.stdout and "launch:" in p.stdout, f"rc={p.returncode}\n{p.stdout[-2000:]}\n{p.stderr[-2000:]}"
+    report = json.loads((tmp_path / "doctor.json").read_text())
     assert report["ranks"] == 2, p.stdout[-2000:]
     assert "-H host1:1,host2:1" in report["launch"], report["launch"]
     failed = [c for c in report["checks"] if c["status"] == "FAIL"]
     assert not failed and p.returncode == 0, (failed, p.stderr[-2000:])
+    network = next(c for c in report["checks"] if c["name"] == "network")
+    assert network["status"] == "PASS" and "host1" in str(report["network"]["table"]), network
 
 
 def horovodrun(hosts: Hosts, names: list[str], args: list[str], gloo: bool = False,
