@@ -7,19 +7,25 @@ import hashlib
 import json
 import re
 import shlex
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
+from hpctrain.errors import EXIT_PREEMPTED
 from tests.launch import BIN, ROOT, env, metrics, trained, wait_for
 from tests.network.hosts import Hosts, rate_bits
 
 pytestmark = pytest.mark.network
 
 PY = sys.executable
+# Rank 0 under strace holding every fsync() for 2.5 s: a checkpoint on a slow cluster file system
+SLOW_FSYNC = ("if [ \"$OMPI_COMM_WORLD_RANK\" = 0 ]; then exec strace -f -qq -o /dev/null -e trace=fsync "
+              "-e inject=fsync:delay_exit=2500000 \"$@\"; else exec \"$@\"; fi")
 # Each rank writes the host it runs on before it starts: the proof that ranks ran on different hosts.
 WHERE = 'hostname > "$HPXT_WHERE/rank-${OMPI_COMM_WORLD_RANK:-$HOROVOD_RANK}"; exec "$@"'
 
@@ -313,3 +319,48 @@ def test_link_flap_training_goes_on_without_a_false_alarm(hosts, tmp_path):
     assert spanning and spanning[0] >= 2.5, [r["time"] - down for r in records]
     print(f"\nlink flap 3 s: the step across it took {spanning[0]:.1f} s, training went on", file=sys.stderr)
     assert "no progress" not in out and "was stopped" not in out and not list(run_dir.glob("hang-*"))
+
+
+def test_preempted_across_hosts_with_a_slow_checkpoint_nothing_lost(hosts, tmp_path):
+    """USR1 to the ranks on both hosts (as `scancel --signal=USR1` delivers it to every task; not through mpirun,
+    which would signal rank 0's strace instead of its Python): they agree on a step, rank 0 saves while every
+    fsync() takes 2.5 s (a slow cluster file system), and only then does the job exit 85; the same command resumes
+    at the next step across the same hosts."""
+    run_dir = tmp_path / "run"
+    args = ["-m", "hpctrain.resnet", "--config", "configs/tiny.toml", "--synthetic-size", "4096", "--run-dir",
+            str(run_dir), "--tensorboard", "false", "--preempt-check-every", "2", "--eval-every-epoch", "false"]
+    cmd = mpirun(hosts, ["host1", "host2"], args)
+    at = cmd.index(PY)
+    cmd[at:at] = ["bash", "-c", SLOW_FSYNC, "_"]
+    log = tmp_path / "job.log"
+    with open(log, "w") as f:
+        job = hosts.popen("host1", cmd, cwd=ROOT, env=host_env(hosts), stdout=f, stderr=subprocess.STDOUT)
+    try:
+        assert wait_for(lambda: trained(run_dir, 2) or job.poll() is not None, 150), "no 2 steps in 150 s"
+        assert job.poll() is None, log.read_text()[-3000:]
+        signalled = time.monotonic()
+        ranks = [p for p in psutil.process_iter(["name", "cmdline"]) if (p.info["name"] or "").startswith("python")
+                 and str(run_dir) in " ".join(p.info["cmdline"] or [])]
+        assert len(ranks) == 2, ranks
+        for p in ranks:
+            p.send_signal(signal.SIGUSR1)
+        job.wait(timeout=120)
+        took = time.monotonic() - signalled
+    finally:
+        if job.poll() is None:
+            job.kill()
+            job.wait()
+    out = log.read_text()
+    assert job.returncode == EXIT_PREEMPTED, out[-3000:]
+    stopped = metrics(run_dir, "train")[-1]["step"]
+    ckpt = run_dir / "checkpoints" / f"ckpt-{stopped:08d}.pt"
+    assert ckpt.exists() and sha256_ok(ckpt), f"checkpoint of step {stopped} lost\n{out[-3000:]}"
+    assert f"stopped at step {stopped} on SIGUSR1, checkpoint saved" in out, out[-3000:]
+    assert took >= 2.5 and not list(ckpt.parent.glob(".*.tmp")), took  # the slow save was waited for
+    print(f"\nUSR1 across 2 hosts: stopped at step {stopped}, saved under slow fsync, exit 85 in {took:.1f} s",
+          file=sys.stderr)
+    p = on_host(hosts, "host1", mpirun(hosts, ["host1", "host2"], [*args, "--max-steps", str(stopped + 2)]),
+                timeout=150)
+    out = ok(p)
+    assert f"at step {stopped}" in out and "resumed from" in out, out[-2000:]
+    assert [r["step"] for r in metrics(run_dir, "train")][-2:] == [stopped + 1, stopped + 2]
