@@ -42,6 +42,8 @@ class RunConfig:
     max_steps: int = opt(0, "stop after this many optimizer steps in total (0 = no limit)", minimum=0)
     log_every: int = opt(10, "log rank-averaged metrics every N steps", minimum=1)
     eval_every_epoch: bool = opt(True, "evaluate top-1 on the validation set after each epoch")
+    eval_every: int = opt(0, "also evaluate every N steps (0 = only at epoch ends): time-to-accuracy curves",
+                          minimum=0)
     checkpoint_every: int = opt(0, "save a checkpoint every N steps (0 = only at the end of each epoch)",
                                 minimum=0)
     keep_checkpoints: int = opt(3, "how many of the newest checkpoints to keep", minimum=1)

@@ -73,6 +73,8 @@ def train(engine: Engine, cfg: RunConfig, rank: int, preemption=None) -> dict:
             saved = bool(cfg.checkpoint_every and engine.step % cfg.checkpoint_every == 0)
             if saved:
                 engine.save()
+            if evaluates_between_epochs(cfg, engine):
+                result.update(engine.evaluate())
             if engine.step >= limit:
                 break
             if preemption is not None and preemption.requested and not noticed:
@@ -97,6 +99,12 @@ def train(engine: Engine, cfg: RunConfig, rank: int, preemption=None) -> dict:
         engine.log(f"stopping at step {engine.step} on {stopped_by}: checkpoint saved")
         return {**result, "stopped_by_signal": stopped_by}
     return result
+
+
+def evaluates_between_epochs(cfg: RunConfig, engine: Engine) -> bool:
+    """--eval-every N: an evaluation after every N-th step, except where the epoch's end evaluates anyway."""
+    epoch_end = engine.step % engine.steps_per_epoch == 0 and cfg.eval_every_epoch
+    return bool(cfg.eval_every and engine.step % cfg.eval_every == 0 and engine.has_validation and not epoch_end)
 
 
 def peak_rss_mib() -> float:

@@ -118,6 +118,15 @@ def test_checkpoint_cadence_and_max_steps(tmp_path):
     assert e.calls["reduce"] == 1  # only the final step logs
 
 
+def test_eval_every_steps_besides_the_epochs_end(tmp_path):
+    e = NumpyEngine(epochs=3)  # 4 steps per epoch
+    loop.train(e, run_cfg(tmp_path, epochs=3, eval_every=3, log_every=100), rank=0)
+    assert e.calls["eval"] == [3, 4, 6, 8, 9, 12]  # every 3 steps and each epoch's end, once at step 12
+    e = NumpyEngine(epochs=2)
+    loop.train(e, run_cfg(tmp_path / "b", epochs=2, eval_every=2, eval_every_epoch=False, log_every=100), rank=0)
+    assert e.calls["eval"] == [2, 4, 6, 8]
+
+
 def test_agreed_stop_saves_and_reports_the_signal(tmp_path):
     e = NumpyEngine(epochs=3)
     result = loop.train(e, run_cfg(tmp_path, epochs=3, preempt_check_every=2, log_every=1), rank=0,
