@@ -19,6 +19,8 @@
 # and resumes from the newest checkpoint. hpctrain_step (slurm/env.sh), the last command, makes the batch
 # shell the supervisor (python -m hpctrain.slurm supervise), which runs srun and does all of this.
 # --open-mode=append keeps the output of every restart in one file. See docs/slurm.md.
+# Another synchronization strategy is a flag: e.g. `--backend mpi --sync ps --ps-servers 1` makes the last rank
+# (on the allocation's last node: Slurm places tasks in block order) the parameter server and the rest workers.
 
 # sbatch runs a copy of this file from its spool directory, so the repository comes from a variable.
 HPCTRAIN_ROOT=${HPCTRAIN_ROOT:-${SLURM_SUBMIT_DIR:-$PWD}}
