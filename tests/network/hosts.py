@@ -102,6 +102,10 @@ def sweep(log=print) -> list[str]:
             shutil.rmtree(d, ignore_errors=True)
             removed.append(str(d))
         _rmdir_if_ours(NETNS_ETC)
+    if SSHD_RUN_DIR.is_dir() and (SSHD_RUN_DIR / f".{PREFIX}-created").exists():
+        _rmdir_if_ours(SSHD_RUN_DIR)  # (after the stale sshds above are gone)
+        if not SSHD_RUN_DIR.exists():
+            removed.append(str(SSHD_RUN_DIR))
     hosts = Path("/etc/hosts")
     text = hosts.read_text()
     if TAG in text:
@@ -164,7 +168,6 @@ class Hosts:
         self.down: set[str] = set()
         self.ssh_key = self.base / "id_ed25519"
         self.ssh_config_file = self.base / "ssh_config"
-        self.created_sshd_dir = False
 
     # ---- names ---------------------------------------------------------------------------------------
     def ns(self, name: str) -> str:
@@ -336,9 +339,9 @@ class Hosts:
             (d / "ssh").mkdir(parents=True, exist_ok=True)
             (d / "hosts").write_text(machine_hosts.rstrip("\n") + "\n" + lines)
             (d / "ssh" / "ssh_config").write_text(self.ssh_config())
-        if not SSHD_RUN_DIR.exists():
+        if not SSHD_RUN_DIR.exists():  # marked as ours: stop(), or the next start's sweep after a crash, removes it
             SSHD_RUN_DIR.mkdir(mode=0o755)
-            self.created_sshd_dir = True
+            (SSHD_RUN_DIR / f".{PREFIX}-created").touch()
 
     def _sshd_pidfile(self, name: str) -> Path:
         return self.base / f"sshd-{name}.pid"
@@ -422,9 +425,8 @@ class Hosts:
         _sh("ip", "link", "del", MGMT_BRIDGE, check=False)  # whether or not this run made one: it carries our prefix
         if NETNS_ETC.is_dir():
             _rmdir_if_ours(NETNS_ETC)
-        if self.created_sshd_dir and SSHD_RUN_DIR.exists() and not any(SSHD_RUN_DIR.iterdir()):
-            SSHD_RUN_DIR.rmdir()
-            self.created_sshd_dir = False
+        if SSHD_RUN_DIR.is_dir():
+            _rmdir_if_ours(SSHD_RUN_DIR)
 
 
 def leftovers() -> list[str]:
@@ -438,4 +440,6 @@ def leftovers() -> list[str]:
     found += [str(p) for p in NETNS_ETC.glob(f"{PREFIX}-*")] if NETNS_ETC.is_dir() else []
     if TAG in Path("/etc/hosts").read_text():
         found.append("tagged /etc/hosts lines")
+    if (SSHD_RUN_DIR / f".{PREFIX}-created").exists():
+        found.append(str(SSHD_RUN_DIR))
     return found
