@@ -245,18 +245,15 @@ def main():
 
 
 def link_rate_GBps(rate: str, parser) -> float:
-    """'1gbit' -> 0.125 (GB/s), tc's units."""
-    units = {"gbit": 1e9, "mbit": 1e6, "kbit": 1e3}
-    for unit, factor in units.items():
-        head = rate.lower().removesuffix(unit)
-        if head != rate.lower():
-            try:
-                bits = float(head) * factor
-            except ValueError:
-                break
-            if bits > 0:
-                return bits / 8 / 1e9
-    parser.error(f"--link-rate {rate!r}: expected a positive number followed by gbit, mbit or kbit (e.g. 1gbit)")
+    """'1gbit' -> 0.125 (GB/s), tc's units (the network hosts' own parser)."""
+    from tests.network.hosts import rate_bits
+    try:
+        bits = rate_bits(rate)
+    except ValueError as e:
+        parser.error(f"--link-rate: {e}")
+    if not bits > 0:
+        parser.error(f"--link-rate {rate!r}: must be above 0")
+    return bits / 8 / 1e9
 
 
 def ratios(rows) -> dict:

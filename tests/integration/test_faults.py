@@ -11,14 +11,24 @@ import pytest
 import torch
 
 from hpctrain.errors import EXIT_NONFINITE, EXIT_PREEMPTED, EXIT_SAVE_FAILED, EXIT_USER_ERROR
-from tests.launch import ROOT, check_ok, command, env, finish, metrics, run, signal_ranks, start, trained, wait_for
+from tests.launch import (
+    ROOT,
+    SLOW_FSYNC,
+    check_ok,
+    command,
+    env,
+    finish,
+    metrics,
+    run,
+    signal_ranks,
+    start,
+    trained,
+    wait_for,
+)
 
 TINY = ["-m", "hpctrain.resnet", "--config", "configs/tiny.toml"]
-# Rank 0 runs under strace, which holds every fsync() for 2.5 s: a checkpoint on a slow cluster file
-# system. Before the fix, the other rank exited 85 at once, mpirun killed rank 0 mid-save, and the
-# checkpoint was lost while the job still said "saved, requeue me".
-SLOW_FSYNC = ("if [ \"$OMPI_COMM_WORLD_RANK\" = 0 ]; then exec strace -f -qq -o /dev/null -e trace=fsync "
-              "-e inject=fsync:delay_exit=2500000 \"$@\"; else exec \"$@\"; fi")
+# The slow checkpoint (tests.launch.SLOW_FSYNC): before the fix, the other rank exited 85 at once, mpirun killed rank
+# 0 mid-save, and the checkpoint was lost while the job still said "saved, requeue me".
 
 
 def _verified(path: Path) -> bool:

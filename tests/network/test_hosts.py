@@ -17,15 +17,12 @@ import psutil
 import pytest
 
 from hpctrain.errors import EXIT_PREEMPTED
-from tests.launch import BIN, ROOT, env, metrics, trained, wait_for
+from tests.launch import BIN, ROOT, SLOW_FSYNC, env, metrics, trained, wait_for
 from tests.network.hosts import Hosts, rate_bits
 
 pytestmark = pytest.mark.network
 
 PY = sys.executable
-# Rank 0 under strace holding every fsync() for 2.5 s: a checkpoint on a slow cluster file system
-SLOW_FSYNC = ("if [ \"$OMPI_COMM_WORLD_RANK\" = 0 ]; then exec strace -f -qq -o /dev/null -e trace=fsync "
-              "-e inject=fsync:delay_exit=2500000 \"$@\"; else exec \"$@\"; fi")
 # Each rank writes the host it runs on before it starts: the proof that ranks ran on different hosts.
 WHERE = 'hostname > "$HPXT_WHERE/rank-${OMPI_COMM_WORLD_RANK:-$HOROVOD_RANK}"; exec "$@"'
 

@@ -204,7 +204,7 @@ for line in sys.stdin:
 
 
 def test_ctrl_z_then_fg_is_no_stop_request_and_a_second_ctrl_c_ends_at_once():
-    # Its own process group in this session, the way an interactive shell runs a job: in an orphaned process
+    # A process group of its own, the way an interactive shell runs a job: in an orphaned process
     # group (e.g. the processes of a batch job) the kernel drops a stop signal's default action.
     child = subprocess.Popen([sys.executable, "-c", JOB_CONTROL], cwd=ROOT, env=env(), stdin=subprocess.PIPE,
                              stdout=subprocess.PIPE, text=True, process_group=0)
