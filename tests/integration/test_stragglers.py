@@ -2,6 +2,7 @@
 
 The throttle is the kernel's CPU bandwidth control, as a node's cgroup or a co-tenant imposes it: rank 2 of 3 is
 moved into a cgroup capped at 0.15 CPU, then released."""
+import re
 import socket
 import uuid
 from pathlib import Path
@@ -75,7 +76,12 @@ def test_a_throttled_rank_is_named_then_its_recovery(tmp_path):
     assert job.returncode == 0, out[-3000:]
     lines = [line for line in out.splitlines() if "straggler: " in line or "straggler gone: " in line]
     host = socket.gethostname()
-    assert len(lines) == 2 and f"straggler: rank 2 on node {host} was busy" in lines[0], out[-3000:]
+    assert len(lines) >= 2 and f"straggler: rank 2 on node {host} was busy" in lines[0], out[-3000:]
     assert f"straggler gone: rank 2 on node {host}" in lines[1], lines
+    # after the recovery three oversubscribed ranks on a small machine may name a passing straggler again; none
+    # of those lines may be about rank 2 or fall inside its throttled stretch
+    recovered = int(re.search(r"steps (\d+)\.\.(\d+)", lines[1]).group(2))
+    for line in lines[2:]:
+        assert "rank 2 " not in line and int(re.search(r"steps (\d+)\.\.", line).group(1)) > recovered, lines
     slow = next(r for r in records(d) if r.get("straggler_rank") == 2)
     assert slow["busy_s_per_step_max"] > 1.5 * slow["busy_s_per_step_median"]
