@@ -15,7 +15,8 @@ config's, as a user would start.
 Per row: seconds from the launch to the first evaluation at or above --target (every --eval-every steps and at
 each epoch's end; "not reached" within --epochs), the steps to it, the last val top-1, the bytes each host's
 link sent (its interface counters: everything, start-up and evaluations included) beside the bytes the backend
-reports handing to its training collectives, peak RSS per rank and the training throughput. A row stops at the
+reports handing to its training collectives, peak RSS per rank, the optimizer state the largest rank holds (ZeRO-1's
+share against an unsharded row's in the summary, beside 1/N) and the training throughput. A row stops at the
 target unless --full (then its whole curve of val top-1 against wall time is kept; the last evaluation of a
 stopped row can be one past the target's, taken while the job stopped).
 
@@ -120,6 +121,7 @@ def train(hosts: Hosts, name: str, a, work: Path) -> dict:
             "link_sent_bytes_per_host": sent,
             "backend_sent_bytes_per_replica": sum(r.get("sent_bytes", 0.0) for r in trains),
             "peak_rss_mib": max((r["peak_rss_mib"] for r in trains), default=None),
+            "optimizer_state_mib_max": trains[-1].get("optimizer_state_mib_max") if trains else None,
             "samples_per_s": sum(rates) / len(rates) if rates else None}
 
 
@@ -153,8 +155,17 @@ def one_network(net: dict, a, work: Path) -> dict:
     base = next((r for r in rows if r["strategy"] == "allreduce_horovod" and r["reached"]), None)
     summary = {"best": best["strategy"] if best else None,
                "best_vs_allreduce_horovod": best["seconds_to_target"] / base["seconds_to_target"]
-               if best and base else None}
+               if best and base else None, **zero_share(rows, net["hosts"])}
     return {**net, "network_start_s": up, "rows": rows, "summary": summary}
+
+
+def zero_share(rows: list[dict], n: int) -> dict:
+    """ZeRO-1's optimizer state on its largest rank against an unsharded allreduce row's, beside 1/N."""
+    held = {r["strategy"]: r["optimizer_state_mib_max"] for r in rows if r.get("optimizer_state_mib_max")}
+    whole = next((held[s] for s in ("allreduce_mpi", "allreduce_horovod", "allreduce_ddp") if s in held), None)
+    if "zero1" not in held or not whole:
+        return {}
+    return {"zero1_state_vs_unsharded": held["zero1"] / whole, "one_over_n": 1 / n}
 
 
 def plot(result: dict, path: Path) -> None:

@@ -34,6 +34,8 @@ class Engine(Protocol):
     # optional, with rank_nodes() and cluster: seconds this rank waited for the others since the last call (the
     # straggler watch, hpctrain.stragglers)
     wait_seconds: Callable[[], float]
+    # optional: bytes of optimizer state this rank holds (ZeRO and the parameter server shard it)
+    optimizer_state_bytes: Callable[[], int]
 
     def epoch_batches(self, epoch: int, skip_batches: int) -> Iterator: ...
     def train_step(self, micro_batches: list): ...           # -> local [loss x n, correct, n], opaque
@@ -149,6 +151,17 @@ class Window:
         vector[e.cluster.rank] = max(0.0, mine) if math.isfinite(mine) else math.nan
         return vector
 
+    def state(self) -> list[float]:
+        """This rank's optimizer state in MiB at its index of a world-sized vector (summed by the window's one
+        reduction: every rank's figure on rank 0); empty where the engine does not report it."""
+        e = self.engine
+        held = getattr(e, "optimizer_state_bytes", None)
+        if held is None:
+            return []
+        vector = [0.0] * e.cluster.size
+        vector[e.cluster.rank] = held() / 2**20
+        return vector
+
     def report(self, epoch: int) -> dict:
         e = self.engine
         rate = e.samples_per_step * self.steps / (time.perf_counter() - self.start)
@@ -157,10 +170,11 @@ class Window:
         traffic = counter.take() if counter is not None else []
         now = rss_mib()  # the kernel updates the peak lazily: it can lag the present
         memory = [max(peak_rss_mib(), now), now, 1.0]  # summed with the processes counted: the mean of a process
-        busy = self.busy()
-        loss_n, correct, n, rates, peak, now, processes, *rest = e.reduce_sum(self.stats,
-                                                                             [mine, *memory, *traffic, *busy])
-        sent, busy = rest[:len(traffic)], rest[len(traffic):]
+        busy, state = self.busy(), self.state()
+        loss_n, correct, n, rates, peak, now, processes, *rest = e.reduce_sum(
+            self.stats, [mine, *memory, *traffic, *busy, *state])
+        k, b = len(traffic), len(busy)
+        sent, busy, state = rest[:k], rest[k:k + b], rest[k + b:]
         loss = loss_n / n
         if not math.isfinite(loss):
             raise NonFiniteError(f"rank-averaged loss is {loss} at step {e.step} (steps "
@@ -169,6 +183,8 @@ class Window:
         result = {"loss": loss, "accuracy": correct / n, "lr": e.lr(e.step - 1), "epoch": epoch,
                   "samples_per_s_rank": rates / e.data_size, "samples_per_s_total": rates,
                   "peak_rss_mib": peak / processes, "rss_mib": now / processes}
+        if state:  # the largest rank's share: what a rank must fit
+            result["optimizer_state_mib_max"] = max(state)
         if sent:  # bytes per rank in the window, per step, per model average
             result.update(window_metrics(sent, self.steps, e.data_size // e.local_replicas, counter.shapes()))
         if busy:

@@ -10,7 +10,7 @@ import pytest
 
 from hpctrain import rundir
 from hpctrain.errors import EXIT_HANG
-from tests.launch import ROOT, check_ok, env, finish, run, signal_ranks, start, trained, wait_for
+from tests.launch import ROOT, check_ok, env, finish, run, signal_ranks, slow_fsync, start, trained, wait_for
 
 TINY = ["-m", "hpctrain.resnet", "--config", "configs/tiny.toml", "--synthetic-size", "8192",
         "--eval-every-epoch", "false"]
@@ -86,11 +86,9 @@ def test_no_false_alarm_for_slow_checkpoints_and_long_evaluations(tmp_path):
     # A 3 s hang timeout; rank 0's every fsync held 1.5 s (a checkpoint takes ~6 s), an evaluation of
     # 128 single-image batches per rank (several seconds in all): long phases, but progress throughout.
     run_dir = tmp_path / "run"
-    slow_fsync = ("if [ \"$OMPI_COMM_WORLD_RANK\" = 0 ]; then exec strace -f -qq -o /dev/null -e trace=fsync "
-                  "-e inject=fsync:delay_exit=1500000 \"$@\"; else exec \"$@\"; fi")
     args = ["-m", "hpctrain.resnet", "--config", "configs/tiny.toml", "--run-dir", str(run_dir), "--hang-timeout",
             "3", "--synthetic-size", "2048", "--batch-size", "64", "--eval-batch-size", "1", "--checkpoint-every", "8"]
-    job = start(2, args, wrap=slow_fsync)
+    job = start(2, args, wrap=slow_fsync(1_500_000))
     out = finish(job, 300)
     assert job.returncode == 0, out[-3000:]
     assert not list(run_dir.glob("hang-*.txt")) and "no progress" not in out

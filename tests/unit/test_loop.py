@@ -168,3 +168,30 @@ def test_epoch_rate_counts_training_steps_not_the_end_of_epoch_save(tmp_path):
     rate = [r for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines())
             if r["kind"] == "epoch"][0]["samples_per_s_rank"]
     assert rate > 4 * 14 / 0.9, rate  # with the save inside the window it would be below 4 x 14 / 1.14 = 49
+
+
+def test_optimizer_state_rides_on_the_reduction_beside_the_busy_times(tmp_path):
+    # rank 1 of 2 (the reduction adds rank 0's figures: a second busy time, and an optimizer state twice as large)
+    class Ranked(NumpyEngine):
+        cluster = type("Cluster", (), {"size": 2, "rank": 1})()
+
+        def wait_seconds(self):
+            return 0.0
+
+        def rank_nodes(self):
+            return ["a", "b"]
+
+        def optimizer_state_bytes(self):
+            return 3 * 2**20
+
+        def reduce_sum(self, stats, extra):
+            self.calls["reduce"] += 1
+            *head, busy0, busy1, state0, state1 = extra
+            return [*map(float, stats), *head, busy1, busy1, 2 * state1, state1]
+
+    e = Ranked()
+    loop.train(e, run_cfg(tmp_path, log_every=2), rank=0)
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if r["kind"] == "train"]
+    assert [r["optimizer_state_mib_max"] for r in train] == [6.0] * 4  # 8 steps, a record every 2
+    assert all(r["busy_s_per_step_max"] == r["busy_s_per_step_median"] >= 0 for r in train), train

@@ -12,6 +12,7 @@ from torch import nn
 from hpctrain import watchdog
 from hpctrain.checkpoint import tensor_mismatch
 from hpctrain.engine.torch.data_parallel import DataParallel
+from hpctrain.engine.torch.sync.zero import state_bytes
 from hpctrain.engine.torch.util import autocast_factory, batches, nonfinite, to_device
 from hpctrain.engine.trainer import Job, TrainerBase
 from hpctrain.models.tasks import Classification
@@ -33,6 +34,8 @@ class Trainer(TrainerBase):
         if isinstance(self.plan, DataParallel) and self.device.type == "cpu":
             # the loop's straggler watch (hpctrain.stragglers); on GPUs the exchange also waits for the kernels
             self.wait_seconds = self.plan.take_waited
+        if isinstance(self.plan, DataParallel):
+            self.optimizer_state_bytes = lambda: state_bytes(self.optimizer)
         self.task = task or Classification(cfg.optim.label_smoothing)
         self.train_loader, self.val_loader = train_loader, val_loader
         self.autocast = autocast_factory(cfg.dist.amp, self.device)
