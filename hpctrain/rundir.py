@@ -16,7 +16,9 @@ run-dir lock, before anything is written:
 run.json also holds the run's `status`, kept by rank 0 (atomically, like the identity): what a supervisor
 (`python -m hpctrain.slurm supervise`) reads instead of log lines. Its fields:
   state            running | done | stopped (an agreed stop on a signal, checkpoint saved) | failed
-  step             the last step trained (updated at every log interval, save and end)
+  step             the last step trained (updated at every log interval, save and end; the log interval's update
+                   is written by a background thread, so a slow file system's fsync neither stalls training nor
+                   looks like a hang to the watchdog; every other update is written at once, after it)
   checkpoint, checkpoint_step   the newest checkpoint of this run on disk (saved, or resumed from)
   resumed_at       the step this launch started from
   exit_code, reason             how the last launch ended (hpctrain's exit codes, hpctrain.errors)
@@ -29,6 +31,7 @@ import json
 import os
 import re
 import secrets
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -224,6 +227,12 @@ def _split_metrics(path: Path, step: int, aside: Path) -> int:
 
 
 _status_dir: Path | None = None  # set once this process keeps the status of the run in it (rank 0)
+_writing = threading.RLock()  # one writer of run.json at a time (re-entrant: a signal handler may update it)
+_pending: dict = {}  # fields handed to the background writer and not yet written
+_pending_lock = threading.Lock()
+_wake = threading.Event()
+_writer: threading.Thread | None = None
+WRITE_WAIT_S = 30.0  # an update waits this long for a write in progress (a hung file system), then is dropped
 
 
 def keep_status(run_dir: str | os.PathLike | None) -> None:
@@ -231,18 +240,48 @@ def keep_status(run_dir: str | os.PathLike | None) -> None:
     _status_dir = Path(run_dir) if run_dir is not None else None
 
 
-def update_status(**fields) -> None:
+def update_status(*, later: bool = False, **fields) -> None:
     """Merge `fields` into run.json's status, atomically; a no-op on every process but the one that keeps it. A
-    failed write (full disk) is not fatal: the checkpoint write that matters has its own error path."""
+    failed write (full disk) is not fatal: the checkpoint write that matters has its own error path. `later`:
+    written by a background thread; the next update that is not `later` writes them first if it has not."""
+    global _writer
     if _status_dir is None:
         return
-    path = _status_dir / RUN_FILE
+    if not later:
+        _write(fields)
+        return
+    with _pending_lock:
+        _pending.update(fields)
+        if _writer is None:
+            _writer = threading.Thread(target=_write_pending, name="hpctrain-status", daemon=True)
+            _writer.start()
+    _wake.set()
+
+
+def _write_pending() -> None:
+    while True:
+        _wake.wait()
+        _wake.clear()
+        _write({})
+
+
+def _write(fields: dict) -> None:
+    if not _writing.acquire(timeout=WRITE_WAIT_S):
+        return
     try:
+        with _pending_lock:  # taken under the write lock: an older value never lands after a newer one
+            merged = {**_pending, **fields}
+            _pending.clear()
+        if not merged or _status_dir is None:
+            return
+        path = _status_dir / RUN_FILE
         data = json.loads(path.read_text())
-        data["status"] = {**data.get("status", {}), **fields, "updated": round(time.time(), 3)}
+        data["status"] = {**data.get("status", {}), **merged, "updated": round(time.time(), 3)}
         atomic_write(path, lambda f: f.write((json.dumps(data, indent=1) + "\n").encode()))
     except (OSError, ValueError):
         pass
+    finally:
+        _writing.release()
 
 
 def read_status(run_dir: str | os.PathLike) -> dict:

@@ -157,8 +157,9 @@ class TrainerBase(Resuming, abc.ABC):
                      total_steps=self.total_steps, schedule=self.cfg.optim.schedule)
 
     def progress(self, step: int) -> None:
-        """The loop reports the last step trained (each log interval): kept in run.json's status."""
-        rundir.update_status(step=step)
+        """The loop reports the last step trained (each log interval): kept in run.json's status, written in the
+        background (the ranks go on training meanwhile)."""
+        rundir.update_status(step=step, later=True)
 
     def finish_evaluation(self, stats) -> dict:
         """This rank's [loss x n, correct, n] over its validation shard -> the whole set's metrics (summed

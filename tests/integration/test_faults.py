@@ -39,8 +39,9 @@ def _verified(path: Path) -> bool:
 @pytest.mark.parametrize("mode, attempt", [("data", 1), ("data", 2), ("data", 3), ("pipeline", 1)])
 def test_slow_checkpoint_survives_the_agreed_stop(tmp_path, mode, attempt):
     run_dir = tmp_path / "run"
+    # a log window every 2 steps: each window's status update is two more slow fsyncs, which prove nothing here
     args = [*TINY, "--run-dir", str(run_dir), "--synthetic-size", "4096", "--preempt-check-every", "2",
-            "--eval-every-epoch", "false"]
+            "--eval-every-epoch", "false", "--log-every", "2"]
     if mode == "pipeline":
         args += ["--pipeline-stages", "2", "--micro-batches", "2", "--partition", "uniform", "--batch-size", "4"]
     job = start(2, args, wrap=SLOW_FSYNC)

@@ -83,11 +83,13 @@ def test_a_lost_parameter_server_ends_the_job(tmp_path, sig):
 
 
 def test_no_false_alarm_for_slow_checkpoints_and_long_evaluations(tmp_path):
-    # A 3 s hang timeout; rank 0's every fsync held 1.5 s (a checkpoint takes ~6 s), an evaluation of
-    # 128 single-image batches per rank (several seconds in all): long phases, but progress throughout.
+    # A 3 s hang timeout; rank 0's every fsync held 1.5 s (a checkpoint takes ~6 s, each log window's status update
+    # 3 s: written in the background, the ranks train on), an evaluation of 128 single-image batches per rank
+    # (several seconds in all): long phases, but progress throughout.
     run_dir = tmp_path / "run"
     args = ["-m", "hpctrain.resnet", "--config", "configs/tiny.toml", "--run-dir", str(run_dir), "--hang-timeout",
-            "3", "--synthetic-size", "2048", "--batch-size", "64", "--eval-batch-size", "1", "--checkpoint-every", "8"]
+            "3", "--synthetic-size", "2048", "--batch-size", "64", "--eval-batch-size", "1", "--checkpoint-every", "8",
+            "--log-every", "4"]
     job = start(2, args, wrap=slow_fsync(1_500_000))
     out = finish(job, 300)
     assert job.returncode == 0, out[-3000:]

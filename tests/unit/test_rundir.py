@@ -1,6 +1,8 @@
 """hpctrain.rundir: one run per directory, refusals in one line, archive and set-aside that lose no byte."""
 import hashlib
 import json
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -172,3 +174,30 @@ def test_status_is_kept_by_the_process_that_keeps_it(tmp_path):
     finally:
         rundir.keep_status(None)
     assert rundir.read_status(tmp_path / "missing") == {}
+
+
+def test_the_log_intervals_status_is_written_in_the_background_and_never_after_a_newer_one(tmp_path, monkeypatch):
+    rundir.write_record(tmp_path, rundir.new_record(TORCH, None))
+    rundir.keep_status(tmp_path)
+    real, gate, writes = rundir.atomic_write, threading.Event(), []
+
+    def slow_write(path, write):  # a file system whose writes hang until the gate opens
+        gate.wait(10)
+        writes.append(time.monotonic())
+        real(path, write)
+
+    monkeypatch.setattr(rundir, "atomic_write", slow_write)
+    try:
+        started = time.monotonic()
+        rundir.update_status(step=7, later=True)  # returns at once: the writer thread waits on the gate
+        rundir.update_status(step=8, later=True)
+        assert time.monotonic() - started < 1 and rundir.read_status(tmp_path) == {}
+        threading.Timer(0.5, gate.set).start()
+        rundir.update_status(state="done", exit_code=0)  # waits for the write in progress, then writes after it
+        status = rundir.read_status(tmp_path)
+        assert (status["state"], status["step"]) == ("done", 8), status  # the newest step, whichever wrote it
+        time.sleep(0.2)  # nothing pending: the writer thread writes nothing older afterwards
+        assert rundir.read_status(tmp_path)["step"] == 8 and len(writes) <= 2, writes
+    finally:
+        gate.set()
+        rundir.keep_status(None)
