@@ -13,15 +13,17 @@ import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-# A shell wrapper for a rank's command: rank 0 runs under strace, which holds every fsync() for 2.5 s (a checkpoint on
-# a slow cluster file system); the other ranks run as they are. --seccomp-bpf stops the process at fsync only:
-# without it every system call of the rank stops for strace, and the rank runs many times slower.
+
+
 def slow_fsync(delay_us: int) -> str:
+    """A shell wrapper for a rank's command: rank 0 runs under strace, which holds every fsync() for `delay_us` (a
+    checkpoint on a slow cluster file system); the other ranks run as they are. --seccomp-bpf stops the process at
+    fsync only: without it every system call of the rank stops for strace, and the rank runs many times slower."""
     return ("if [ \"$OMPI_COMM_WORLD_RANK\" = 0 ]; then exec strace -f --seccomp-bpf -qq -o /dev/null -e trace=fsync "
             f"-e inject=fsync:delay_exit={delay_us} \"$@\"; else exec \"$@\"; fi")
 
 
-SLOW_FSYNC = slow_fsync(2_500_000)
+SLOW_FSYNC = slow_fsync(2_500_000)  # 2.5 s
 
 
 def env() -> dict:
