@@ -1,16 +1,16 @@
 """Which strategy for which network: the wall time each synchronization strategy takes to reach an accuracy
 target, the bytes that crossed the links and the memory per rank, side by side on hosts with shaped links.
 
-    sudo python benchmarks/strategies.py [--hosts 2,4] [--rates 1gbit,10gbit] [--slow-host]
+    sudo python benchmarks/strategies.py [--hosts 2,4] [--rates 1gbit,10gbit] [--slow-host [only]]
         [--strategies all | NAME,...] [--target 0.85] [--epochs 2] [--eval-every 20] [--full]
 
 Every row trains the demo task (configs/demo.toml: ResNet-18 on the built-in shapes, AdamW, the same seed, batch
 32 per replica, the LR rule of the config) with one rank per host, started by mpirun on host1 over ssh, the hosts
 being the network test tier's emulated ones (tests/network/hosts.py: a network namespace per host, its own name,
-address and sshd, a tbf-shaped link to one bridge; needs root). `--slow-host` adds a network per host count where
-the last host's link runs at a tenth of the rate. The parameter server's rows add one rank, the server, on the
-last host (the workers are the same replicas as every other row's). No strategy gets its own LR: each runs the
-config's, as a user would start.
+address and sshd, a tbf-shaped link to one bridge; needs root). `--slow-host` adds a network per host count and
+rate where the last host's link runs at a tenth of the rate (`--slow-host only`: that network alone). The parameter
+server's rows add one rank, the server, on the last host (the workers are the same replicas as every other row's).
+No strategy gets its own LR: each runs the config's, as a user would start.
 
 Per row: seconds from the launch to the first evaluation at or above --target (every --eval-every steps and at
 each epoch's end; "not reached" within --epochs), the steps to it, the last val top-1, the bytes each host's
@@ -129,7 +129,8 @@ def networks(a) -> list[dict]:
     out = []
     for n in a.host_counts:
         for rate in a.rate_list:
-            out.append({"hosts": n, "rate": rate, "slow": None})
+            if a.slow_host != "only":
+                out.append({"hosts": n, "rate": rate, "slow": None})
             if a.slow_host:
                 out.append({"hosts": n, "rate": rate, "slow": f"{rate_bits(rate) / 10 / 1e6:g}mbit"})
     return out
@@ -198,7 +199,8 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--hosts", default="2,4", help="host counts, comma-separated (one rank per host)")
     p.add_argument("--rates", default="1gbit,10gbit", help="link rates, comma-separated, tc's units")
-    p.add_argument("--slow-host", action="store_true", help="also each network with its last host at rate / 10")
+    p.add_argument("--slow-host", nargs="?", const="also", choices=("also", "only"),
+                   help="also (or only) each network with its last host at rate / 10")
     p.add_argument("--strategies", default="all", help="all, or names comma-separated")
     p.add_argument("--config", default="configs/demo.toml")
     p.add_argument("--target", type=float, default=0.85, help="val top-1 to reach")
