@@ -7,7 +7,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export OMPI_ALLOW_RUN_AS_ROOT := 1
 export OMPI_ALLOW_RUN_AS_ROOT_CONFIRM := 1
 
-.PHONY: install demo demo-tf demo-bert lint check test test-acceptance test-unit test-latest lock clean container-check
+.PHONY: install demo demo-tf demo-bert lint check test test-cluster test-all test-acceptance test-unit test-latest lock clean container-check
 
 install:
 	@bash scripts/install.sh
@@ -38,9 +38,19 @@ lint: install
 check: lint
 	$(PY) -m pytest -ra -m unit tests/unit $(PYTEST_ARGS)
 
-# Everything but the acceptance trainings: lint, then every tier (unit, mpi, tf, slurm, container, benchmark,
-# network); what CI runs.
+# The tiers that stand up infrastructure first (root): a Slurm test cluster, emulated hosts with their own
+# network, container roots.
+CLUSTER_TIERS := slurm or container or network
+
+# The everyday suite: lint, then the unit, multi-rank (mpi, tf) and benchmark tiers.
 test: lint
+	$(PY) -m pytest -ra -m "not acceptance and not ($(CLUSTER_TIERS))" tests $(PYTEST_ARGS)
+
+test-cluster: lint
+	$(PY) -m pytest -ra -m "$(CLUSTER_TIERS)" tests $(PYTEST_ARGS)
+
+# Both, in one run: what CI runs.
+test-all: lint
 	$(PY) -m pytest -ra -m "not acceptance" tests $(PYTEST_ARGS)
 
 # The full demo trainings to their accuracy targets (each synchronization strategy preempted, resumed, >= 85 %).

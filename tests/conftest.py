@@ -6,8 +6,10 @@
     slurm      tests/slurm: a real Slurm test cluster
     container  tests/containers: the image built and run
     benchmark  tests/benchmarks: each benchmark script at tiny sizes
+    network    tests/network: emulated hosts with their own network (marked in the modules)
 
-`make test` runs them all; `pytest -m "not slurm and not container"` or `-m tf` pick tiers."""
+`make test` runs unit, mpi, tf and benchmark; `make test-cluster` slurm, container and network (they stand up
+infrastructure first); `make test-all` both. `pytest -m "not slurm and not container"` or `-m tf` pick tiers."""
 from __future__ import annotations
 
 import pytest

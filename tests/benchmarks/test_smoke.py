@@ -73,21 +73,22 @@ def test_scaling_tf_smoke(tmp_path):
 
 
 def test_scaling_bert_smoke(tmp_path):
-    # torch rows only, BERT-tiny at seq 32 on a built-in corpus prepared into tmp_path; ~50 s on an idle 2-core box.
+    # BERT-tiny at seq 32 on a built-in corpus prepared into tmp_path: an engine through Horovod, one through
+    # torch.distributed and the ceiling (the whole engine matrix is test_scaling_smoke's), 6 launches
+    engines = "hpctrain_horovod,hpctrain_ddp,ceiling_no_comm"
     p = run("single", 1, ["benchmarks/scaling.py", "--model", "bert", "--max-np", "2", "--seq-len", "32",
-                          "--batch-size", "4", "--steps", "4", "--corpus-cache", str(tmp_path / "corpus"),
-                          "--out", str(tmp_path)], timeout=600)
+                          "--batch-size", "4", "--steps", "4", "--engines", engines,
+                          "--corpus-cache", str(tmp_path / "corpus"), "--out", str(tmp_path)], timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     data = _result(tmp_path, "scaling-bert")
     assert not list(tmp_path.glob("*-scaling.json"))  # never the ResNet result's name
     assert (data["model"], data["preset"], data["seq_len"], data["samples"]) == ("bert", "tiny", 32, "sequences")
     assert data["vocab_size"] == json.loads((tmp_path / "corpus" / "manifest.json").read_text())["vocab_size"]
-    assert {(r["engine"], r["np"]) for r in data["rows"]} == {
-        (e, n) for e in ("hpctrain_horovod", "hpctrain_mpi", "hpctrain_ddp", "plain_horovod_cycle10ms",
-                         "plain_horovod_default", "ceiling_no_comm") for n in (1, 2)}
+    assert {(r["engine"], r["np"]) for r in data["rows"]} == {(e, n) for e in engines.split(",") for n in (1, 2)}
     for r in data["rows"]:
         assert all(_positive_finite(r[k]) for k in ("samples_per_s_total", "samples_per_s_rank", "efficiency",
                                                     "efficiency_vs_ceiling")), r
+    assert set(data["ratios"]["2"]) == {"hpctrain_horovod_vs_ddp", "hpctrain_horovod_vs_ceiling", "ceiling_vs_linear"}
     assert all(_positive_finite(v) for ratio in data["ratios"].values() for v in ratio.values())
     assert list(tmp_path.glob("*-scaling-bert.png"))
 
