@@ -13,7 +13,6 @@ import torch
 from hpctrain.errors import EXIT_NONFINITE, EXIT_PREEMPTED, EXIT_SAVE_FAILED, EXIT_USER_ERROR
 from tests.launch import (
     ROOT,
-    SLOW_FSYNC,
     check_ok,
     command,
     env,
@@ -21,13 +20,14 @@ from tests.launch import (
     metrics,
     run,
     signal_ranks,
+    slow_fsync,
     start,
     trained,
     wait_for,
 )
 
 TINY = ["-m", "hpctrain.resnet", "--config", "configs/tiny.toml"]
-# The slow checkpoint (tests.launch.SLOW_FSYNC): before the fix, the other rank exited 85 at once, mpirun killed rank
+# The slow checkpoint (tests.launch.slow_fsync): before the fix, the other rank exited 85 at once, mpirun killed rank
 # 0 mid-save, and the checkpoint was lost while the job still said "saved, requeue me".
 
 
@@ -36,15 +36,15 @@ def _verified(path: Path) -> bool:
     return side.exists() and side.read_text().split()[0] == hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-@pytest.mark.parametrize("mode, attempt", [("data", 1), ("data", 2), ("data", 3), ("pipeline", 1)])
-def test_slow_checkpoint_survives_the_agreed_stop(tmp_path, mode, attempt):
+@pytest.mark.parametrize("mode", ["data", "pipeline"])
+def test_slow_checkpoint_survives_the_agreed_stop(tmp_path, mode):
     run_dir = tmp_path / "run"
     # a log window every 2 steps: each window's status update is two more slow fsyncs, which prove nothing here
     args = [*TINY, "--run-dir", str(run_dir), "--synthetic-size", "4096", "--preempt-check-every", "2",
             "--eval-every-epoch", "false", "--log-every", "2"]
     if mode == "pipeline":
         args += ["--pipeline-stages", "2", "--micro-batches", "2", "--partition", "uniform", "--batch-size", "4"]
-    job = start(2, args, wrap=SLOW_FSYNC)
+    job = start(2, args, wrap=slow_fsync(1_500_000))  # any save longer than mpirun's reaction to rank 1's exit
     assert wait_for(lambda: trained(run_dir, 2), 180), finish(job, 5)[-3000:]
     assert signal_ranks(job, signal.SIGUSR1) == 2
     out = finish(job)
