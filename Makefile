@@ -49,7 +49,7 @@ test: lint
 test-cluster: lint
 	$(PY) -m pytest -ra -m "$(CLUSTER_TIERS)" tests $(PYTEST_ARGS)
 
-# Both, in one run: what CI runs.
+# Both in one pytest run (CI runs the two above in turn, each timed: .ci/run).
 test-all: lint
 	$(PY) -m pytest -ra -m "not acceptance" tests $(PYTEST_ARGS)
 
