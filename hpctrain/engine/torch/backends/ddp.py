@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import socket
+import time
 from datetime import timedelta
 
 import torch
@@ -82,6 +83,12 @@ class DDPBackend(Backend):
             # All ranks past their last collective first: a rank tearing gloo down while its peer's
             # loop still reads aborts the peer (SIGABRT at exit, seen once in CI after correct results).
             dist.barrier()
+            # A gloo worker thread drops its last work (and the tensors in it) only after marking it done; if
+            # that drop falls into interpreter shutdown, freeing a Python-owned tensor aborts the process
+            # (SIGABRT after correct results, seen once in a loaded test run). destroy_process_group does not
+            # join those threads while a DDP model has existed (DDP leaves references to the group), so give
+            # them a moment while the interpreter is alive.
+            time.sleep(0.2)
             dist.destroy_process_group()
 
     # ---- the strategies' collectives (ZeRO and PowerSGD on ddp are torch's own; these serve the rest) ----------
