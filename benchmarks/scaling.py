@@ -250,6 +250,20 @@ def efficiency_baseline(engine: str, base: dict) -> str | None:
     return None
 
 
+def score(rows: list[dict]) -> None:
+    """Each row's efficiency against its baseline's np=1 rate (None without one: a skipped row, or no np=1 run)
+    and, for torch rows, against the machine's ceiling at the same np."""
+    base = {r["engine"]: r["samples_per_s_total"] for r in rows if r["np"] == 1}
+    ceiling = {r["np"]: r["samples_per_s_total"] for r in rows if r["engine"] == "ceiling_no_comm"}
+    for r in rows:
+        ref = efficiency_baseline(r["engine"], base)
+        total = r["samples_per_s_total"]
+        r["efficiency_baseline"] = f"{ref} np=1" if ref else None
+        r["efficiency"] = total / (r["np"] * base[ref]) if total and ref else None
+        torch_row = r["engine"] in TORCH_ENGINES + SYNC_ENGINES
+        r["efficiency_vs_ceiling"] = total / ceiling[r["np"]] if total and torch_row and ceiling.get(r["np"]) else None
+
+
 def ratios(rows: list[dict], nps) -> dict:
     """Per np, every ratio whose two rows were measured there (a missing or skipped row drops only its ratios)."""
     by = {(r["engine"], r["np"]): r["samples_per_s_total"] for r in rows if r["samples_per_s_total"]}
@@ -339,15 +353,7 @@ def measure(a, engines: list[str]) -> None:
         plain = MEASURED.get(("hpctrain_mpi", r["np"]), {}).get("sent_bytes_per_step")
         if "sent_bytes_per_step" in r and r["engine"] != "hpctrain_mpi":
             r["sent_vs_allreduce"] = r["sent_bytes_per_step"] / plain if plain else None
-    base = {r["engine"]: r["samples_per_s_total"] for r in rows if r["np"] == 1}
-    ceiling = {r["np"]: r["samples_per_s_total"] for r in rows if r["engine"] == "ceiling_no_comm"}
-    for r in rows:
-        ref = efficiency_baseline(r["engine"], base)
-        total = r["samples_per_s_total"]
-        r["efficiency_baseline"] = f"{ref} np=1" if ref else None
-        r["efficiency"] = total / (r["np"] * base[ref]) if total and ref else None
-        torch_row = r["engine"] in TORCH_ENGINES + SYNC_ENGINES
-        r["efficiency_vs_ceiling"] = total / ceiling[r["np"]] if total and torch_row and ceiling.get(r["np"]) else None
+    score(rows)
     for r in rows:  # say so where T(1) is another engine's
         if r["efficiency"] is not None and r["efficiency_baseline"] != f"{r['engine']} np=1":
             print(f"{r['engine']:>24} np={r['np']}  efficiency {r['efficiency']:.3f} against "
