@@ -38,9 +38,9 @@ lint: install
 check: lint
 	$(PY) -m pytest -ra -m unit tests/unit $(PYTEST_ARGS)
 
-# The tiers that stand up infrastructure first (root): a Slurm test cluster, emulated hosts with their own
-# network, container roots.
-CLUSTER_TIERS := slurm or container or network
+# The tiers that need more than a workstation: infrastructure stood up first (root: a Slurm test cluster,
+# emulated hosts with their own network, container roots) or a large node's memory (bigmem: ~16 GiB free).
+CLUSTER_TIERS := slurm or container or network or bigmem
 
 # The everyday suite: lint, then the unit, multi-rank (mpi, tf) and benchmark tiers.
 test: lint

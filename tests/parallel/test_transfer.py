@@ -15,8 +15,10 @@ from tests.launch import check_ok, finish, run, start
 WORKER = "tests/parallel/worker_transfer.py"
 BIG = 2**31  # the object is a bit over this
 NEED_GIB = 16
-enough_memory = pytest.mark.skipif(psutil.virtual_memory().available < NEED_GIB * 2**30,
-                                   reason=f"needs ~{NEED_GIB} GiB of free RAM for two > 2 GiB ranks")
+# Both tests: a tier of their own, run by make test-cluster with the other tiers a workstation lacks
+pytestmark = [pytest.mark.bigmem,
+              pytest.mark.skipif(psutil.virtual_memory().available < NEED_GIB * 2**30,
+                                 reason=f"needs ~{NEED_GIB} GiB of free RAM for two > 2 GiB ranks")]
 
 
 def job_rss(job) -> int:
@@ -33,7 +35,6 @@ def job_rss(job) -> int:
     return total
 
 
-@enough_memory
 def test_gather_scatter_bcast_small_and_over_2gib(tmp_path):
     job = start(2, [WORKER, "good", str(tmp_path)])
     peak, deadline = 0, time.monotonic() + 300
@@ -51,7 +52,6 @@ def test_gather_scatter_bcast_small_and_over_2gib(tmp_path):
     assert peak < 18 * 2**30, f"the two ranks held {peak / 2**30:.1f} GiB at once"
 
 
-@enough_memory
 def test_plain_mpi4py_cannot_gather_an_object_over_2gib(tmp_path):
     """What mpi4py 4.1 on Open MPI 4.1 does with the same object through plain `comm.gather`: the pickle's
     byte count does not fit the int of MPI_Gatherv, mpi4py's large-count shim refuses with MPI_ERR_ARG, on
