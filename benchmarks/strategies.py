@@ -1,23 +1,31 @@
 """Which strategy for which network: the wall time each synchronization strategy takes to reach an accuracy
 target, the bytes that crossed the links and the memory per rank, side by side on hosts with shaped links.
 
-    sudo python benchmarks/strategies.py [--hosts 2,4] [--rates 1gbit,10gbit] [--slow-host [only]]
-        [--strategies all | NAME,...] [--target 0.85] [--epochs 2] [--eval-every 20] [--full]
+    sudo python benchmarks/strategies.py [--task resnet|bert] [--hosts 2,4] [--rates 1gbit,10gbit] [--slow-host [only]]
+        [--strategies all | NAME,...] [--target T] [--epochs E] [--eval-every N] [--full]
 
-Every row trains the demo task (configs/demo.toml: ResNet-18 on the built-in shapes, AdamW, the same seed, batch
-32 per replica, the LR rule of the config) with one rank per host, started by mpirun on host1 over ssh, the hosts
+Tasks (`--task`), each with its own target, cap and evaluation interval (the flags override them):
+  resnet  (default) the demo task (configs/demo.toml: ResNet-18 on the built-in shapes, AdamW, batch 32 per
+          replica, the LR rule of the config) to val top-1 >= 0.85 within 2 epochs, evaluated every 20 steps.
+  bert    BERT-tiny MLM on the built-in corpus (configs/bert_tiny.toml: seq 128, AdamW 1e-3, batch 32 per replica,
+          the same LR at every world size), prepared once before any row, to validation MLM loss <= 6.0 within
+          16 epochs, evaluated every 12 steps. The target comes from plain allreduce on Horovod, 4 hosts at
+          1 Gbit/s, trained to the cap (`--full`): 7.41 at step 12, 6.17 at 36, 6.00 at 120, 5.91 at the cap's
+          192 (12 steps an epoch at 4 replicas): the loss it reaches in under two thirds of the cap.
+
+Every row trains the task with the same seed with one rank per host, started by mpirun on host1 over ssh, the hosts
 being the network test tier's emulated ones (tests/network/hosts.py: a network namespace per host, its own name,
 address and sshd, a tbf-shaped link to one bridge; needs root). `--slow-host` adds a network per host count and
 rate where the last host's link runs at a tenth of the rate (`--slow-host only`: that network alone). The parameter
 server's rows add one rank, the server, on the last host (the workers are the same replicas as every other row's).
 No strategy gets its own LR: each runs the config's, as a user would start.
 
-Per row: seconds from the launch to the first evaluation at or above --target (every --eval-every steps and at
-each epoch's end; "not reached" within --epochs), the steps to it, the last val top-1, the bytes each host's
+Per row: seconds from the launch to the first evaluation that meets --target (every --eval-every steps and at
+each epoch's end; "not reached" within --epochs), the steps to it, the metric's last value, the bytes each host's
 link sent (its interface counters: everything, start-up and evaluations included) beside the bytes the backend
 reports handing to its training collectives, peak RSS per rank, the optimizer state the largest rank holds (ZeRO-1's
 share against an unsharded row's in the summary, beside 1/N) and the training throughput. A row stops at the
-target unless --full (then its whole curve of val top-1 against wall time is kept; the last evaluation of a
+target unless --full (then its whole curve of the metric against wall time is kept; the last evaluation of a
 stopped row can be one past the target's, taken while the job stopped).
 
 Strategies (`--strategies all`, or names): allreduce_horovod, allreduce_mpi, allreduce_ddp, horovod_fp16,
@@ -40,6 +48,16 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.common import save_results  # noqa: E402
 from benchmarks.network_allreduce import host_env  # noqa: E402
 from tests.network.hosts import Hosts, HostsError, ensure_installed, rate_bits  # noqa: E402
+
+BERT_TARGET = 6.0
+BERT_EPOCHS = 16
+TASKS = {  # module, config, the metric an evaluation record gives, whether higher is better, target, cap, interval
+    "resnet": {"module": "hpctrain.resnet", "config": "configs/demo.toml", "metric": "val_top1", "higher": True,
+               "target": 0.85, "epochs": 2, "eval_every": 20},
+    "bert": {"module": "hpctrain.bert", "config": "configs/bert_tiny.toml", "metric": "val_loss", "higher": False,
+             "target": BERT_TARGET, "epochs": BERT_EPOCHS, "eval_every": 12},
+}
+BERT_VOCAB, BERT_SEQ = 8000, 128  # configs/bert_tiny.toml's
 
 MPI = ["--backend", "mpi"]
 STRATEGIES = {
@@ -66,8 +84,12 @@ def records(run_dir: Path, kind: str) -> list[dict]:
     return [r for r in rows if r.get("kind") == kind]
 
 
-def reached(run_dir: Path, target: float) -> dict | None:
-    return next((r for r in records(run_dir, "eval") if r.get("val_top1", 0.0) >= target), None)
+def meets(value, a) -> bool:
+    return value is not None and (value >= a.target if a.task_spec["higher"] else value <= a.target)
+
+
+def reached(run_dir: Path, a) -> dict | None:
+    return next((r for r in records(run_dir, "eval") if meets(r.get(a.metric), a)), None)
 
 
 def train(hosts: Hosts, name: str, a, work: Path) -> dict:
@@ -81,7 +103,7 @@ def train(hosts: Hosts, name: str, a, work: Path) -> dict:
     for var in ("PATH", "PYTHONPATH", "PYTHONUNBUFFERED", "OMP_NUM_THREADS"):
         cmd += ["-x", var]
     run_dir = work / name
-    cmd += [sys.executable, "-m", "hpctrain.resnet", "--config", a.config, "--epochs", str(a.epochs),
+    cmd += [sys.executable, "-m", a.task_spec["module"], "--config", a.config, *a.task_args, "--epochs", str(a.epochs),
             "--eval-every", str(a.eval_every), "--log-every", str(a.eval_every), "--run-dir", str(run_dir),
             "--progress", "never", "--tensorboard", "false", "--hang-timeout", "600", *STRATEGIES[name]]
     before = {h: hosts.counters(h)["tx"] for h in names}
@@ -94,7 +116,7 @@ def train(hosts: Hosts, name: str, a, work: Path) -> dict:
     hit = None
     try:
         while job.poll() is None:
-            hit = hit or reached(run_dir, a.target)
+            hit = hit or reached(run_dir, a)
             if hit and not a.full:
                 os.killpg(job.pid, signal.SIGTERM)  # the row has its figure; the rest of the cap is not needed
                 job.wait(timeout=60)
@@ -106,7 +128,7 @@ def train(hosts: Hosts, name: str, a, work: Path) -> dict:
         if job.poll() is None:
             os.killpg(job.pid, signal.SIGKILL)
             job.wait()
-    hit = hit or reached(run_dir, a.target)
+    hit = hit or reached(run_dir, a)
     if not hit and job.returncode != 0:
         raise SystemExit(f"error: {name} failed (rc={job.returncode}); its log: {log}\n"
                          + log.read_text()[-2000:])
@@ -115,9 +137,9 @@ def train(hosts: Hosts, name: str, a, work: Path) -> dict:
     rates = [r["samples_per_s_total"] for r in trains[1:]] or [r["samples_per_s_total"] for r in trains]
     return {"strategy": name, "flags": STRATEGIES[name], "ranks": len(names) + ps,
             "reached": hit is not None, "seconds_to_target": hit["time"] - started if hit else None,
-            "steps_to_target": hit["step"] if hit else None, "val_top1_at_target": hit["val_top1"] if hit else None,
-            "val_top1_last": evals[-1]["val_top1"] if evals else None,
-            "curve": [{"seconds": r["time"] - started, "step": r["step"], "val_top1": r["val_top1"]} for r in evals],
+            "steps_to_target": hit["step"] if hit else None, "metric_at_target": hit[a.metric] if hit else None,
+            "metric_last": evals[-1][a.metric] if evals else None,
+            "curve": [{"seconds": r["time"] - started, "step": r["step"], "value": r[a.metric]} for r in evals],
             "link_sent_bytes_per_host": sent,
             "backend_sent_bytes_per_replica": sum(r.get("sent_bytes", 0.0) for r in trains),
             "peak_rss_mib": max((r["peak_rss_mib"] for r in trains), default=None),
@@ -149,7 +171,7 @@ def one_network(net: dict, a, work: Path) -> dict:
             took = f"{row['seconds_to_target']:.1f} s, step {row['steps_to_target']}" if row["reached"] else \
                 "not reached"
             print(f"{net['hosts']} hosts {net['rate']}{' (slow ' + net['slow'] + ')' if net['slow'] else ''} "
-                  f"{name:<18} target {took}; last top-1 {row['val_top1_last']}", flush=True)
+                  f"{name:<18} target {took}; last {a.metric} {row['metric_last']}", flush=True)
     finally:
         hosts.stop()
     best = min((r for r in rows if r["reached"]), key=lambda r: r["seconds_to_target"], default=None)
@@ -181,18 +203,29 @@ def plot(result: dict, path: Path) -> None:
         ax = axes[0][i]
         ax.barh([r["strategy"] for r in rows], [r["seconds_to_target"] or 0 for r in rows],
                 color=["C0" if r["reached"] else "lightgray" for r in rows])
-        ax.set_xlabel(f"seconds to val top-1 >= {result['target']} (gray: not reached)")
+        goal = f"{result['metric']} {'>=' if result['higher_is_better'] else '<='} {result['target']}"
+        ax.set_xlabel(f"seconds to {goal} (gray: not reached)")
         ax.set_title(title)
         ax = axes[1][i]
         for r in rows:
-            ax.plot([p["seconds"] for p in r["curve"]], [p["val_top1"] for p in r["curve"]], marker=".",
+            ax.plot([p["seconds"] for p in r["curve"]], [p["value"] for p in r["curve"]], marker=".",
                     label=r["strategy"])
         ax.axhline(result["target"], color="gray", linestyle="--", linewidth=0.8)
         ax.set_xlabel("wall seconds from launch")
-        ax.set_ylabel("val top-1")
+        ax.set_ylabel(result["metric"])
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
+
+
+def prepare_corpus(cache: Path) -> str:
+    from hpctrain.data.corpus import prepare_builtin
+    from hpctrain.data.text import DataError
+    try:
+        prepare_builtin(str(cache), BERT_VOCAB, BERT_SEQ, log=lambda m: print(m, file=sys.stderr))
+    except DataError as e:
+        raise SystemExit(f"error: built-in corpus: {e}") from None
+    return str(cache)
 
 
 def main():
@@ -202,15 +235,21 @@ def main():
     p.add_argument("--slow-host", nargs="?", const="also", choices=("also", "only"),
                    help="also (or only) each network with its last host at rate / 10")
     p.add_argument("--strategies", default="all", help="all, or names comma-separated")
-    p.add_argument("--config", default="configs/demo.toml")
-    p.add_argument("--target", type=float, default=0.85, help="val top-1 to reach")
-    p.add_argument("--epochs", type=int, default=2, help="the cap (and the LR schedule's length)")
-    p.add_argument("--eval-every", type=int, default=20, help="evaluate every N steps")
+    p.add_argument("--task", choices=list(TASKS), default="resnet")
+    p.add_argument("--config", help="the task's config (default: the task's)")
+    p.add_argument("--target", type=float, help="the metric's value to reach (default: the task's)")
+    p.add_argument("--epochs", type=int, help="the cap and the LR schedule's length (default: the task's)")
+    p.add_argument("--eval-every", type=int, help="evaluate every N steps (default: the task's)")
     p.add_argument("--full", action="store_true", help="train every row to the cap (whole curves)")
     p.add_argument("--timeout", type=float, default=1800, help="seconds for one row")
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--tag", default="")
     a = p.parse_args()
+    a.task_spec = TASKS[a.task]
+    for key in ("config", "target", "epochs", "eval_every"):
+        if getattr(a, key) is None:
+            setattr(a, key, a.task_spec[key])
+    a.metric, a.task_args = a.task_spec["metric"], []
     a.strategy_list = list(STRATEGIES) if a.strategies == "all" else a.strategies.split(",")
     unknown = [s for s in a.strategy_list if s not in STRATEGIES]
     if unknown:
@@ -224,18 +263,22 @@ def main():
         p.error(str(e))
     if any(n < 2 or n > 16 for n in a.host_counts):
         p.error(f"--hosts {a.hosts}: each count from 2 to 16")
-    if not (0 <= a.target <= 1) or a.epochs < 1 or a.eval_every < 1:
-        p.error(f"--target {a.target} (0..1), --epochs {a.epochs} (>= 1), --eval-every {a.eval_every} (>= 1)")
+    if (a.task_spec["higher"] and not 0 <= a.target <= 1) or a.target < 0 or a.epochs < 1 or a.eval_every < 1:
+        span = "0..1" if a.task_spec["higher"] else ">= 0"
+        p.error(f"--target {a.target} ({span}), --epochs {a.epochs} (>= 1), --eval-every {a.eval_every} (>= 1)")
     if os.geteuid() != 0:
         p.error("the hosts need root (network namespaces, tc, sshd)")
     started = time.time()
     try:
         ensure_installed(log=lambda m: print(m, file=sys.stderr))
         with tempfile.TemporaryDirectory(prefix="hpxs-") as work:
+            if a.task == "bert":  # prepared before any row is timed; every row reads the same files
+                a.task_args = ["--corpus", "builtin", "--corpus-cache", prepare_corpus(Path(work) / "corpus")]
             results = [one_network(net, a, Path(work)) for net in networks(a)]
     except HostsError as e:
         raise SystemExit(f"error: the hosts did not start: {e}") from None
-    save_results("strategies", {"config": a.config, "target": a.target, "epochs": a.epochs,
+    save_results("strategies", {"task": a.task, "config": a.config, "metric": a.metric,
+                                "higher_is_better": a.task_spec["higher"], "target": a.target, "epochs": a.epochs,
                                 "eval_every": a.eval_every, "full": a.full, "wall_s": time.time() - started,
                                 "networks": results}, a.out, a.tag, plot=plot)
 

@@ -43,6 +43,24 @@ def test_four_strategies_to_a_target_on_two_hosts(tmp_path):
     assert net["summary"]["best"] in rows and list(tmp_path.glob("*-strategies.png"))
 
 
+def test_bert_task_to_a_loss_target(tmp_path):
+    if os.geteuid() != 0 or shutil.which("ip") is None:
+        pytest.skip("the network tier needs root and iproute2")
+    p = subprocess.run([sys.executable, "benchmarks/strategies.py", "--task", "bert", "--hosts", "2", "--rates",
+                        "10gbit", "--strategies", "allreduce_mpi,local_sgd_k4", "--epochs", "1", "--eval-every", "2",
+                        "--target", "50", "--out", str(tmp_path)], cwd=ROOT, env=env(), capture_output=True,
+                       text=True, timeout=400)
+    assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
+    data = json.loads(next(tmp_path.glob("*-strategies.json")).read_text())
+    assert (data["task"], data["metric"], data["higher_is_better"]) == ("bert", "val_loss", False)
+    rows = {r["strategy"]: r for r in data["networks"][0]["rows"]}
+    for r in rows.values():  # an MLM loss starts near ln(vocabulary) ~ 9: 50 is met by the first evaluation
+        assert r["reached"] and r["steps_to_target"] == 2 and 0 < r["metric_at_target"] <= 50, r
+        assert all(0 < point["value"] < 50 for point in r["curve"]) and r["samples_per_s"] > 0, r
+    r = rows["allreduce_mpi"]
+    assert min(r["link_sent_bytes_per_host"].values()) >= 0.9 * r["backend_sent_bytes_per_replica"] > 0, r
+
+
 def test_unknown_strategy_is_one_line():
     p = subprocess.run([sys.executable, "benchmarks/strategies.py", "--strategies", "allreduce,gossip"], cwd=ROOT,
                        env=env(), capture_output=True, text=True, timeout=60)
