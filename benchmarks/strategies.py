@@ -49,13 +49,11 @@ from benchmarks.common import save_results  # noqa: E402
 from benchmarks.network_allreduce import host_env  # noqa: E402
 from tests.network.hosts import Hosts, HostsError, ensure_installed, rate_bits  # noqa: E402
 
-BERT_TARGET = 6.0
-BERT_EPOCHS = 16
 TASKS = {  # module, config, the metric an evaluation record gives, whether higher is better, target, cap, interval
     "resnet": {"module": "hpctrain.resnet", "config": "configs/demo.toml", "metric": "val_top1", "higher": True,
                "target": 0.85, "epochs": 2, "eval_every": 20},
     "bert": {"module": "hpctrain.bert", "config": "configs/bert_tiny.toml", "metric": "val_loss", "higher": False,
-             "target": BERT_TARGET, "epochs": BERT_EPOCHS, "eval_every": 12},
+             "target": 6.0, "epochs": 16, "eval_every": 12},
 }
 BERT_VOCAB, BERT_SEQ = 8000, 128  # configs/bert_tiny.toml's
 

@@ -80,14 +80,12 @@ class DDPBackend(Backend):
 
     def shutdown(self) -> None:
         if dist.is_initialized():
-            # All ranks past their last collective first: a rank tearing gloo down while its peer's
-            # loop still reads aborts the peer (SIGABRT at exit, seen once in CI after correct results).
+            # All ranks past their last collective first: a rank tearing gloo down while its peer's loop still
+            # reads aborts the peer. Then a moment: a gloo worker thread frees its last work's tensors only after
+            # marking it done, and destroy_process_group does not join those threads once a DDP model has
+            # existed (it keeps the group referenced); freeing a Python-owned tensor during interpreter
+            # shutdown aborts the process (SIGABRT after correct results, seen in loaded test runs).
             dist.barrier()
-            # A gloo worker thread drops its last work (and the tensors in it) only after marking it done; if
-            # that drop falls into interpreter shutdown, freeing a Python-owned tensor aborts the process
-            # (SIGABRT after correct results, seen once in a loaded test run). destroy_process_group does not
-            # join those threads while a DDP model has existed (DDP leaves references to the group), so give
-            # them a moment while the interpreter is alive.
             time.sleep(0.2)
             dist.destroy_process_group()
 
