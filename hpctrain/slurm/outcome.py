@@ -128,6 +128,7 @@ class Evidence:
     status: dict = field(default_factory=dict)             # the run's status now ({}: no run dir or run.json)
     fresh: bool = False                                    # ... and this launch wrote it
     hangs: list[dict] = field(default_factory=list)        # hang-<rank>.json records this launch wrote
+    lost: list[str] = field(default_factory=list)          # step nodes srun was ended without (unreachable)
 
 
 def evidence(srun_status: int, tasks: list[TaskLine], run_dir: Path | None, before: Snapshot) -> Evidence:
@@ -181,7 +182,11 @@ def blame(ev: Evidence, code: int) -> list[str]:
     nothing. So the step's nodes (those srun reports tasks of: every task of such a step ends non-zero)
     with no hang record, when some but not all of them have one.
     Otherwise: the node of the first task line that is a signal or an exit code that is not one of
-    hpctrain's own (those are ends the ranks agreed on, not one node's fault)."""
+    hpctrain's own (those are ends the ranks agreed on, not one node's fault).
+    Before all that: the nodes the supervisor could not reach (their records, on a file system they may
+    still see, prove nothing about their link)."""
+    if ev.lost:
+        return sorted(ev.lost)
     if code == EXIT_HANG:
         reported = {str(r["node"]) for r in ev.hangs if r.get("node")}
         step_nodes = {t.node for t in ev.tasks} | reported

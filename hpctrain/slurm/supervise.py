@@ -13,7 +13,9 @@ step decides from srun's lines, the run's status in run_dir/run.json and this la
 
 Standard library and hpctrain's framework-neutral modules only (it runs on the host, outside any
 container): never torch or TensorFlow. Settings from the environment: HPCTRAIN_MAX_REQUEUES (20),
-HPCTRAIN_MAX_RESTARTS (2), HPCTRAIN_SPARE_NODES (0); a bad value is one line and exit 2.
+HPCTRAIN_MAX_RESTARTS (2), HPCTRAIN_SPARE_NODES (0), HPCTRAIN_STEP_END_WAIT (20: seconds srun may go on after
+its first failed task before the nodes it has not heard from are probed, hpctrain.slurm.reach); a bad value is
+one line and exit 2.
 """
 from __future__ import annotations
 
@@ -31,10 +33,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hpctrain.errors import EXIT_USER_ERROR, UserError
-from hpctrain.slurm import outcome
+from hpctrain.slurm import outcome, reach
 
 PREFIX = "hpctrain: "
-DEFAULTS = {"HPCTRAIN_MAX_REQUEUES": 20, "HPCTRAIN_MAX_RESTARTS": 2, "HPCTRAIN_SPARE_NODES": 0}
+DEFAULTS = {"HPCTRAIN_MAX_REQUEUES": 20, "HPCTRAIN_MAX_RESTARTS": 2, "HPCTRAIN_SPARE_NODES": 0,
+            "HPCTRAIN_STEP_END_WAIT": 20}
 _MODULE = re.compile(r"^hpctrain\.([a-z_]+)$")
 
 
@@ -53,6 +56,7 @@ class Settings:
     max_requeues: int
     max_restarts: int
     spare_nodes: int
+    step_end_wait: int  # seconds after srun's first failed task before silent nodes are probed
     requeued: int   # SLURM_RESTART_COUNT
     job: str        # the id scontrol knows the job by
 
@@ -77,7 +81,7 @@ def settings(env=None) -> Settings:
     env = os.environ if env is None else env
     values = {name: _whole(env, name, default) for name, default in DEFAULTS.items()}
     return Settings(values["HPCTRAIN_MAX_REQUEUES"], values["HPCTRAIN_MAX_RESTARTS"], values["HPCTRAIN_SPARE_NODES"],
-                    _whole(env, "SLURM_RESTART_COUNT", 0), job_id(env))
+                    values["HPCTRAIN_STEP_END_WAIT"], _whole(env, "SLURM_RESTART_COUNT", 0), job_id(env))
 
 
 def job_state(job: str) -> str | None:
@@ -206,7 +210,33 @@ def _relay(stream, sink, found: list) -> None:
             found.append(line)
 
 
-def launch(cmd: list[str], run_dir: Path | None, signals: Signals) -> outcome.Evidence:
+def _wait_step(step: subprocess.Popen, found: list, s: Settings) -> list[str]:
+    """Wait for srun to end. Once it has reported a failed task and still runs `s.step_end_wait` s later, probe
+    the step's nodes it has not heard from: when some cannot be reached, end srun (it would wait for them
+    until Slurm declares them DOWN) and return them; else wait on and probe again later."""
+    first = None
+    while True:
+        try:
+            step.wait(timeout=1.0)
+            return []
+        except subprocess.TimeoutExpired:
+            pass
+        if found and first is None:
+            first = time.monotonic()
+        if first is None or time.monotonic() - first < s.step_end_wait:
+            continue
+        heard = {t.node for t in list(found)}
+        lost = reach.unreachable([n for n in reach.step_nodes(s.job) if n not in heard])
+        if lost:
+            say(f"srun still waits {time.monotonic() - first:.0f} s after the first failed task: node(s) "
+                f"{','.join(lost)} cannot be reached (no connection to slurmd); ending the step without them")
+            step.kill()
+            step.wait()
+            return lost
+        first = time.monotonic()
+
+
+def launch(cmd: list[str], run_dir: Path | None, signals: Signals, s: Settings) -> outcome.Evidence:
     """Run one srun step to its end; what it left behind."""
     before = outcome.snapshot(run_dir)
     found: list = []
@@ -219,11 +249,14 @@ def launch(cmd: list[str], run_dir: Path | None, signals: Signals) -> outcome.Ev
         signals.forward(step)
     relay = threading.Thread(target=_relay, args=(step.stderr, sys.stderr.buffer, found), daemon=True)
     relay.start()
-    status = step.wait()
+    lost = _wait_step(step, found, s)
+    status = step.returncode
     signals.step = None
-    relay.join()
+    relay.join(timeout=None if not lost else 10)  # a killed srun's stderr ends with it
     step.stderr.close()
-    return outcome.evidence(status if status >= 0 else 128 - status, found, run_dir, before)
+    ev = outcome.evidence(status if status >= 0 else 128 - status, found, run_dir, before)
+    ev.lost = lost
+    return ev
 
 
 # ------------------------------------------------------------------ the loop
@@ -247,10 +280,14 @@ def _finish(decision: outcome.Decision, job: str) -> int:
 def run(srun_args: list[str], command: list[str], s: Settings, signals: Signals) -> int:
     """Launch, decide, relaunch (in the same allocation) until done, requeued or given up."""
     run_dir = find_run_dir(command)
-    restarts, excluded, blamed_all = 0, [], []
+    restarts, excluded, blamed_all, lost_any = 0, [], [], False
     while True:
         where = [f"--exclude={','.join(excluded)}"] if excluded else []
-        ev = launch(["srun", *srun_args, *where, *command], run_dir, signals)
+        # A step srun was ended without holds its CPUs on the nodes that did answer until Slurm declares the lost
+        # node DOWN (minutes): its tasks there have ended, so the relaunch may share them.
+        where += ["--overlap"] if lost_any else []
+        ev = launch(["srun", *srun_args, *where, *command], run_dir, signals, s)
+        lost_any = lost_any or bool(ev.lost)
         code = outcome.step_code(ev)
         cause = outcome.cause(ev, code)
         blamed = outcome.blame(ev, code) if outcome.action(code) == outcome.RESTART else []

@@ -41,9 +41,8 @@ from pathlib import Path
 
 from tests.packages import apt_install
 
-PREFIX = "hpxt"                     # every namespace, link and the bridge carry it
-BRIDGE = f"{PREFIX}-br"
-MGMT_BRIDGE = f"{PREFIX}-brm"        # the management network's bridge
+PREFIX = "hpxt"                     # every namespace, link and the bridge carry it (the default prefix)
+MARKER = ".hpxt-created"             # in a directory this harness created (any prefix)
 MGMT_IFACE = "mgmt0"
 NETNS_ETC = Path("/etc/netns")      # `ip netns exec NS` binds /etc/netns/NS/* over /etc/*
 SSHD_RUN_DIR = Path("/run/sshd")    # sshd's privilege separation directory, required to exist
@@ -83,26 +82,27 @@ def rate_bits(rate: str) -> float:
     raise ValueError(f"rate {rate!r}: expected a number followed by gbit, mbit or kbit")
 
 
-def sweep(log=print) -> list[str]:
-    """Remove what an earlier run of this harness left (by prefix, tag and pid file). Returns what it removed."""
+def sweep(log=print, prefix: str = PREFIX, sshd: bool = True) -> list[str]:
+    """Remove what an earlier run of this harness with `prefix` left (by prefix, tag and pid file; sshd's run
+    directory only for a network with sshds). Returns what it removed."""
     removed = []
     for ns in _sh("ip", "netns", "list", check=False).stdout.split():
-        if ns.startswith(f"{PREFIX}-"):
+        if ns.startswith(f"{prefix}-"):
             for pid in _sh("ip", "netns", "pids", ns, check=False).stdout.split():
                 _kill(int(pid))  # only processes inside our own namespaces (stale sshds, ranks)
             _sh("ip", "netns", "del", ns, check=False)
             removed.append(f"netns {ns}")
     for line in _sh("ip", "-o", "link", "show", check=False).stdout.splitlines():
         name = line.split(":")[1].strip().split("@")[0] if line.count(":") >= 2 else ""
-        if name.startswith(f"{PREFIX}-"):
+        if name.startswith(f"{prefix}-"):
             _sh("ip", "link", "del", name, check=False)
             removed.append(f"link {name}")
     if NETNS_ETC.is_dir():
-        for d in NETNS_ETC.glob(f"{PREFIX}-*"):
+        for d in NETNS_ETC.glob(f"{prefix}-*"):
             shutil.rmtree(d, ignore_errors=True)
             removed.append(str(d))
         _rmdir_if_ours(NETNS_ETC)
-    if SSHD_RUN_DIR.is_dir() and (SSHD_RUN_DIR / f".{PREFIX}-created").exists():
+    if sshd and SSHD_RUN_DIR.is_dir() and (SSHD_RUN_DIR / MARKER).exists():
         _rmdir_if_ours(SSHD_RUN_DIR)  # (after the stale sshds above are gone)
         if not SSHD_RUN_DIR.exists():
             removed.append(str(SSHD_RUN_DIR))
@@ -117,7 +117,7 @@ def sweep(log=print) -> list[str]:
 
 
 def _rmdir_if_ours(path: Path) -> None:
-    marker = path / f".{PREFIX}-created"
+    marker = path / MARKER
     if marker.exists() and not [p for p in path.iterdir() if p != marker]:
         marker.unlink()
         path.rmdir()
@@ -144,17 +144,26 @@ def _gone(pid: int, timeout: float) -> bool:
 
 
 class Hosts:
-    """`start()` / `stop()` emulated hosts `names` on `subnet`, links at `rates` (per host; default `rate`)."""
+    """`start()` / `stop()` emulated hosts `names` on `subnet`, links at `rates` (per host; default `rate`).
+
+    `prefix` names everything (two networks with different prefixes coexist); `sshd=False` starts no sshd
+    (hosts reached by a workload manager only); `head=True` gives the bridge the subnet's first address, so
+    daemons of this machine's own namespace (a head node: slurmctld, the clients) reach the hosts and back."""
 
     def __init__(self, base: str | os.PathLike, names=("host1", "host2"), subnet: str = "10.231.7.0/24",
                  rate: str = "10gbit", rates: dict[str, str] | None = None, first_address: int = 11,
-                 management: bool = False, management_subnet: str = "10.231.8.0/24", management_rate: str = "1gbit"):
+                 management: bool = False, management_subnet: str = "10.231.8.0/24", management_rate: str = "1gbit",
+                 prefix: str = PREFIX, sshd: bool = True, head: bool = False):
+        self.prefix = prefix
+        self.bridge, self.mgmt_bridge = f"{prefix}-br", f"{prefix}-brm"
+        self.sshd, self.head = sshd, head
         self.base = Path(base).resolve()
         self.names = list(names)
         self.net = ipaddress.ip_network(subnet)
         if not self.net.is_private or self.net.prefixlen != 24:
             raise HostsError(f"subnet {subnet}: a private /24 expected")
         hosts = list(self.net.hosts())
+        self.head_address = str(hosts[0])
         self.address = {n: str(hosts[first_address - 1 + i]) for i, n in enumerate(self.names)}
         self.rate = {n: (rates or {}).get(n, rate) for n in self.names}
         self.management = management
@@ -171,15 +180,15 @@ class Hosts:
 
     # ---- names ---------------------------------------------------------------------------------------
     def ns(self, name: str) -> str:
-        return f"{PREFIX}-{name}"
+        return f"{self.prefix}-{name}"
 
     def link(self, name: str) -> str:
         """The bridge-side end of a host's veth pair (in this namespace)."""
-        return f"{PREFIX}-v{self.names.index(name) + 1}"
+        return f"{self.prefix}-v{self.names.index(name) + 1}"
 
     def mgmt_link(self, name: str) -> str:
         """The bridge-side end of a host's management veth pair (its mgmt0 is the other end)."""
-        return f"{PREFIX}-m{self.names.index(name) + 1}"
+        return f"{self.prefix}-m{self.names.index(name) + 1}"
 
     @property
     def cidr(self) -> str:
@@ -258,15 +267,16 @@ class Hosts:
         """Build the network, start one sshd per host, wait until every host reaches every other over ssh.
         Returns seconds taken."""
         t0 = time.monotonic()
-        sweep(log)
+        sweep(log, self.prefix, self.sshd)
         try:
             self.base.mkdir(parents=True, exist_ok=True)
             self._keys()
             self._network()
             self._etc()
-            for name in self.names:
-                self._start_sshd(name)
-            self._wait_ssh(timeout=20)
+            if self.sshd:
+                for name in self.names:
+                    self._start_sshd(name)
+                self._wait_ssh(timeout=20)
         except BaseException:
             self.stop()
             raise
@@ -282,13 +292,15 @@ class Hosts:
                 _sh("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", name, "-f", str(key))
 
     def _network(self) -> None:
-        _sh("ip", "link", "add", BRIDGE, "type", "bridge")
-        _sh("ip", "link", "set", BRIDGE, "up")
+        _sh("ip", "link", "add", self.bridge, "type", "bridge")
+        _sh("ip", "link", "set", self.bridge, "up")
+        if self.head:
+            _sh("ip", "addr", "add", f"{self.head_address}/{self.net.prefixlen}", "dev", self.bridge)
         for name in self.names:
             ns, veth = self.ns(name), self.link(name)
             _sh("ip", "netns", "add", ns)
             _sh("ip", "link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", ns)
-            _sh("ip", "link", "set", veth, "master", BRIDGE, "up")
+            _sh("ip", "link", "set", veth, "master", self.bridge, "up")
             _sh("ip", "-n", ns, "addr", "add", f"{self.address[name]}/{self.net.prefixlen}", "dev", "eth0")
             _sh("ip", "-n", ns, "link", "set", "eth0", "up")
             _sh("ip", "-n", ns, "link", "set", "lo", "up")
@@ -297,12 +309,12 @@ class Hosts:
             self._management_network()
 
     def _management_network(self) -> None:
-        _sh("ip", "link", "add", MGMT_BRIDGE, "type", "bridge")
-        _sh("ip", "link", "set", MGMT_BRIDGE, "up")
+        _sh("ip", "link", "add", self.mgmt_bridge, "type", "bridge")
+        _sh("ip", "link", "set", self.mgmt_bridge, "up")
         for name in self.names:
             ns, veth = self.ns(name), self.mgmt_link(name)
             _sh("ip", "link", "add", veth, "type", "veth", "peer", "name", MGMT_IFACE, "netns", ns)
-            _sh("ip", "link", "set", veth, "master", MGMT_BRIDGE, "up")
+            _sh("ip", "link", "set", veth, "master", self.mgmt_bridge, "up")
             _sh("ip", "-n", ns, "addr", "add", f"{self.mgmt_address[name]}/{self.mgmt_net.prefixlen}", "dev",
                 MGMT_IFACE)
             _sh("ip", "-n", ns, "link", "set", MGMT_IFACE, "up")
@@ -329,7 +341,7 @@ class Hosts:
         self.ssh_config_file.write_text(self.ssh_config())
         if not NETNS_ETC.exists():
             NETNS_ETC.mkdir()
-            (NETNS_ETC / f".{PREFIX}-created").touch()
+            (NETNS_ETC / MARKER).touch()
         lines = "".join(f"{self.address[n]} {n} {TAG}\n" for n in self.names)
         if self.management:
             lines += "".join(f"{self.mgmt_address[n]} {n}-mgmt {TAG}\n" for n in self.names)
@@ -339,9 +351,9 @@ class Hosts:
             (d / "ssh").mkdir(parents=True, exist_ok=True)
             (d / "hosts").write_text(machine_hosts.rstrip("\n") + "\n" + lines)
             (d / "ssh" / "ssh_config").write_text(self.ssh_config())
-        if not SSHD_RUN_DIR.exists():  # marked as ours: stop(), or the next start's sweep after a crash, removes it
+        if self.sshd and not SSHD_RUN_DIR.exists():  # marked as ours: stop(), or a later sweep, removes it
             SSHD_RUN_DIR.mkdir(mode=0o755)
-            (SSHD_RUN_DIR / f".{PREFIX}-created").touch()
+            (SSHD_RUN_DIR / MARKER).touch()
 
     def _sshd_pidfile(self, name: str) -> Path:
         return self.base / f"sshd-{name}.pid"
@@ -421,25 +433,25 @@ class Hosts:
             if self.management:
                 _sh("ip", "link", "del", self.mgmt_link(name), check=False)
             shutil.rmtree(NETNS_ETC / ns, ignore_errors=True)
-        _sh("ip", "link", "del", BRIDGE, check=False)
-        _sh("ip", "link", "del", MGMT_BRIDGE, check=False)  # whether or not this run made one: it carries our prefix
+        _sh("ip", "link", "del", self.bridge, check=False)
+        _sh("ip", "link", "del", self.mgmt_bridge, check=False)  # made by this run or not: it has our prefix
         if NETNS_ETC.is_dir():
             _rmdir_if_ours(NETNS_ETC)
         if SSHD_RUN_DIR.is_dir():
             _rmdir_if_ours(SSHD_RUN_DIR)
 
 
-def leftovers() -> list[str]:
-    """What of this harness still exists on the machine (empty after a clean stop)."""
+def leftovers(prefix: str = PREFIX) -> list[str]:
+    """What of this harness (with `prefix`) still exists on the machine (empty after a clean stop)."""
     found = [f"netns {ns}" for ns in _sh("ip", "netns", "list", check=False).stdout.split()
-             if ns.startswith(f"{PREFIX}-")]
+             if ns.startswith(f"{prefix}-")]
     for line in _sh("ip", "-o", "link", "show", check=False).stdout.splitlines():
         parts = line.split(":")
-        if len(parts) >= 2 and parts[1].strip().split("@")[0].startswith(f"{PREFIX}-"):
+        if len(parts) >= 2 and parts[1].strip().split("@")[0].startswith(f"{prefix}-"):
             found.append(f"link {parts[1].strip()}")
-    found += [str(p) for p in NETNS_ETC.glob(f"{PREFIX}-*")] if NETNS_ETC.is_dir() else []
+    found += [str(p) for p in NETNS_ETC.glob(f"{prefix}-*")] if NETNS_ETC.is_dir() else []
     if TAG in Path("/etc/hosts").read_text():
         found.append("tagged /etc/hosts lines")
-    if (SSHD_RUN_DIR / f".{PREFIX}-created").exists():
+    if (SSHD_RUN_DIR / MARKER).exists():
         found.append(str(SSHD_RUN_DIR))
     return found

@@ -1,4 +1,5 @@
-"""One real Slurm cluster (8 emulated nodes on this machine) for the whole test session."""
+"""One real Slurm cluster (8 nodes, each an emulated host with its own name, address and link) for the whole
+test session."""
 import os
 import re
 import shutil
@@ -11,27 +12,49 @@ from pathlib import Path
 import pytest
 
 from tests.launch import ROOT, env
+from tests.network.hosts import Hosts
+from tests.network.hosts import ensure_installed as ensure_network
 from tests.slurm_cluster import SlurmCluster, ensure_installed
 
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE",
             "PREEMPTED"}
 
 
+NODES = [f"node{i}" for i in range(1, 9)]
+SUBNET = "10.231.9.0/24"  # apart from the network tier's (10.231.7/8): both may be up at once
+PREFIX = "hpxs"
+
+
 @pytest.fixture(scope="session")
 def slurm():
+    """8 nodes, each its own emulated host (10 Gbit/s links to one bridge; slurmctld on the bridge's head
+    address). SlurmdTimeout 30 s: a node whose link stays down is declared DOWN within ~30-40 s."""
     if os.geteuid() != 0:
         pytest.skip("the Slurm test cluster needs root: slurmd launches jobs as root and apt-get installs Slurm")
     installed = ensure_installed(log=lambda m: print(m, file=sys.stderr))
+    installed += ensure_network(log=lambda m: print(m, file=sys.stderr))
     # A short path: munge and PMIx put Unix sockets under it (108-byte limit on socket paths).
     base = Path(tempfile.mkdtemp(prefix="hpctrain-slurm-"))
-    cluster = SlurmCluster(base, nodes=8)
-    cluster.started_in = cluster.start()
+    hosts = Hosts(base / "net", names=NODES, subnet=SUBNET, prefix=PREFIX, sshd=False, head=True)
+    t0 = time.monotonic()
+    try:
+        hosts.start(log=lambda m: print(m, file=sys.stderr))
+        cluster = SlurmCluster(base, hosts=hosts, slurmd_timeout=30)
+        cluster.start()
+    except BaseException:
+        hosts.stop()
+        raise
+    cluster.started_in = time.monotonic() - t0
     cluster.installed_in = installed
-    print(f"\nslurm test cluster: 8 nodes idle {cluster.started_in:.1f} s after start "
-          f"(package install {installed:.1f} s), state in {base}", file=sys.stderr)
-    yield cluster
-    cluster.stop()
-    shutil.rmtree(base, ignore_errors=True)
+    print(f"\nslurm test cluster: 8 nodes on their own hosts ({SUBNET}, slurmctld on {hosts.head_address}) idle "
+          f"{cluster.started_in:.1f} s after start (package install {installed:.1f} s), state in {base}",
+          file=sys.stderr)
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+        hosts.stop()
+        shutil.rmtree(base, ignore_errors=True)
 
 
 def job_env(cluster: SlurmCluster, **extra) -> dict:

@@ -1,4 +1,5 @@
-"""`python -m hpctrain.doctor` as a 2-node job step on the real Slurm test cluster (srun --mpi=pmix)."""
+"""`python -m hpctrain.doctor` as a 2-node job step on the real Slurm test cluster (srun --mpi=pmix), the nodes
+two hosts with their own links."""
 import subprocess
 import sys
 import time
@@ -20,6 +21,9 @@ def test_doctor_under_srun_on_two_nodes(slurm, tmp_path):
     assert found["srun"][0] == "PASS" and "pmix" in found["srun"][1], found["srun"]
     for name in COLLECTIVES:
         assert found[name][0] == "PASS" and found[name][1].startswith("result correct; busbw"), (name, found[name])
+    # The two nodes are hosts with their own links: the doctor measured each direction between them.
+    assert found["network"][0] == "PASS" and "2 ring links between 2 nodes" in found["network"][1], found["network"]
+    assert "node1 -> node2:" in p.stdout and "node2 -> node1:" in p.stdout
     assert found["run dir"][0] == "PASS"
     assert found["launch"][1].startswith("srun --mpi=pmix ") and found["launch"][1].endswith("-m hpctrain.resnet")
     print(f"\ndoctor under srun -N 2: {took:.1f} s\n{p.stdout}", file=sys.stderr)

@@ -1,5 +1,11 @@
 """A real Slurm 22.05 cluster on this one machine: slurmctld + N slurmd + a private munged.
 
+Two shapes. Given `hosts` (tests.network.hosts.Hosts started with `head=True`), every node is its own emulated
+host: its slurmd runs inside the host (its network namespace, its host name), `NodeAddr` is the host's address,
+slurmctld listens on the bridge's head address, and jobs, srun steps and PMIx cross real links, shaped and
+cut like any other. Without it, N slurmds share this machine's loopback (quick, for tests that prove nothing
+about the network: containers).
+
 Everything (config, keys, sockets, state, spool, logs, pid files) lives in one directory; nothing is
 written to /etc. Clients find the cluster through `SLURM_CONF` (see `env()`). Daemons run in the
 foreground as our children and are stopped by the pids we recorded, never by name.
@@ -8,6 +14,8 @@ Measured facts behind the settings: /work/shared/notes/slurm-test-cluster.md (in
 Open MPI needs `--mpi=pmix`; one TmpFS per node or PMIx fails with "File exists"; a TaskProlog
 switches Open MPI to TCP on loopback because emulated nodes share one host's shared memory;
 cred_expire=10 or a requeued job waits 120 s; the -wlm binaries where slurm-wlm-emulator is installed).
+On networked hosts Open MPI is not pinned to an interface: each host has one network (and its own host name,
+so shared-memory segment names no longer collide); the TaskProlog only allows root.
 """
 from __future__ import annotations
 
@@ -73,6 +81,26 @@ def _free_ports(n: int) -> list[int]:
     return ports
 
 
+def cgroup_mounts() -> str:
+    """Shell commands mounting this machine's cgroup hierarchies again: `ip netns exec` gives a host a fresh
+    /sys without the cgroup mounts slurmd's start-up probes (the same hierarchies, seen from the host's own
+    mount namespace)."""
+    cmds = []
+    for line in Path("/proc/self/mounts").read_text().splitlines():
+        _, where, kind, opts = line.split()[:4]
+        if where == "/sys/fs/cgroup" and kind == "tmpfs":
+            cmds.append("mount -t tmpfs -o mode=755 cgroup_root /sys/fs/cgroup")
+        elif where.startswith("/sys/fs/cgroup") and kind in ("cgroup", "cgroup2"):
+            cmds.append(f"mkdir -p {where} && mount -t {kind} -o {opts} {kind} {where}")
+    return " && ".join(cmds + ['exec "$@"'])
+
+
+TASK_PROLOG_HOSTS = """#!/bin/sh
+# Lines starting with "export" become task environment. The tests run jobs as root.
+echo export OMPI_ALLOW_RUN_AS_ROOT=1
+echo export OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
+"""
+
 TASK_PROLOG = """#!/bin/sh
 # Lines starting with "export" become task environment. Emulated nodes share one host, so Open MPI's
 # shared-memory segments would collide: TCP over loopback only.
@@ -85,13 +113,17 @@ echo export OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 
 
 class SlurmCluster:
-    """`start()` / `stop()` a cluster of `nodes` emulated nodes (node1..nodeN) under `base`."""
+    """`start()` / `stop()` a cluster of `nodes` emulated nodes (node1..nodeN) under `base`, or one node per
+    host of a started `hosts` network (named as its hosts)."""
 
-    def __init__(self, base: str | os.PathLike, nodes: int = 8, cpus_per_node: int = 2):
+    def __init__(self, base: str | os.PathLike, nodes: int = 8, cpus_per_node: int = 2, hosts=None,
+                 slurmd_timeout: int = 300):
         self.base = Path(base).resolve()
-        self.nodes = nodes
+        self.hosts = hosts
+        self.names = list(hosts.names) if hosts else [f"node{i}" for i in range(1, nodes + 1)]
+        self.nodes = len(self.names)
         self.cpus = cpus_per_node
-        self.names = [f"node{i}" for i in range(1, nodes + 1)]
+        self.slurmd_timeout = slurmd_timeout
         self.conf = self.base / "etc" / "slurm.conf"
         self.pid_dir = self.base / "pids"
         self.munge_dir = self.base / "munge"
@@ -121,7 +153,8 @@ class SlurmCluster:
             self._spawn("slurmctld", [_sbin("slurmctld"), "-D", "-c", "-f", str(self.conf)])
             stepd = _sbin("slurmstepd")
             for name in self.names:
-                self._spawn(f"slurmd-{name}", [_sbin("slurmd"), "-D", "-N", name, "-f", str(self.conf),
+                on_host = [*self.hosts.exec_prefix(name), "sh", "-c", cgroup_mounts(), "sh"] if self.hosts else []
+                self._spawn(f"slurmd-{name}", [*on_host, _sbin("slurmd"), "-D", "-N", name, "-f", str(self.conf),
                                                "-d", stepd])
             self._wait_idle(timeout)
         except BaseException:
@@ -137,12 +170,12 @@ class SlurmCluster:
                 (self.base / sub / name).mkdir(parents=True, exist_ok=True)
         ports = _free_ports(self.nodes + 1)
         prolog = self.base / "etc" / "task_prolog.sh"
-        prolog.write_text(TASK_PROLOG)
+        prolog.write_text(TASK_PROLOG_HOSTS if self.hosts else TASK_PROLOG)
         prolog.chmod(0o755)
         b = self.base
         lines = [
             "ClusterName=hpctraintest",
-            f"SlurmctldHost={socket.gethostname()}(127.0.0.1)",
+            f"SlurmctldHost={socket.gethostname()}({self.hosts.head_address if self.hosts else '127.0.0.1'})",
             f"SlurmctldPort={ports[0]}",
             "SlurmUser=root", "SlurmdUser=root",
             "AuthType=auth/munge",
@@ -169,11 +202,13 @@ class SlurmCluster:
             "SchedulerParameters=sched_interval=2",
             "MinJobAge=600",
             "KillWait=10",
+            f"SlurmdTimeout={self.slurmd_timeout}",
             "InactiveLimit=0",
         ]
         for name, port in zip(self.names, ports[1:]):
-            lines.append(f"NodeName={name} NodeHostname=localhost NodeAddr=127.0.0.1 Port={port} "
-                         f"CPUs={self.cpus} RealMemory=8000 State=UNKNOWN")
+            where = f"NodeHostname={name} NodeAddr={self.hosts.address[name]}" if self.hosts else \
+                "NodeHostname=localhost NodeAddr=127.0.0.1"
+            lines.append(f"NodeName={name} {where} Port={port} CPUs={self.cpus} RealMemory=8000 State=UNKNOWN")
         lines.append("PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP")
         self.conf.write_text("\n".join(lines) + "\n")
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -15,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from hpctrain import errors, recipes
-from hpctrain.slurm import outcome, supervise
+from hpctrain.slurm import outcome, reach, supervise
 from hpctrain.slurm.outcome import DONE, REQUEUE, RESTART, STOP, Evidence, Situation
 from tests.launch import ROOT, env
 from tests.slurm.test_restart import RESTART_LINE
@@ -118,6 +119,37 @@ def test_blame_on_a_hang_is_the_nodes_without_a_hang_record_of_this_launch(tmp_p
     assert outcome.cause(ev, 86) == "hang watchdog: node1: tasks 0-1: Exited with exit code 86"
 
 
+def test_blame_the_nodes_that_could_not_be_reached_first(tmp_path):
+    # A node cut off still sees the shared file system here: its ranks' hang records prove nothing.
+    run = tmp_path / "run"
+    before = outcome.snapshot(run)
+    for rank, node in enumerate(["node1", "node2", "node3"]):
+        _hang(run, rank, node)
+    err = "srun: error: node1: task 0: Exited with exit code 86\nsrun: error: node3: task 2: Exited with exit code 86"
+    ev = _evidence(run, 137, err, before)
+    assert outcome.blame(ev, 86) == []
+    ev.lost = ["node2"]
+    assert outcome.blame(ev, 86) == ["node2"]
+
+
+def test_newest_numbered_step_is_the_one_running():
+    text = "42.batch node1\n42.extern node[1-5]\n42.0 node[1-4]\n42.1 node[1,3-5]\n"
+    assert reach.newest_step(text) == "node[1,3-5]"
+    assert reach.newest_step("42.batch node1\n") is None and reach.newest_step("") is None
+
+
+def test_unreachable_is_a_refused_or_unanswered_connection(monkeypatch):
+    with socket.socket() as listening:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        with socket.socket() as closed:
+            closed.bind(("127.0.0.1", 0))  # bound, never listening: a connection is refused
+            ports = {"node1": listening.getsockname()[1], "node2": closed.getsockname()[1]}
+            monkeypatch.setattr(reach, "address", lambda node: ("127.0.0.1", ports[node]))
+            assert reach.unreachable(["node1", "node2"], timeout=2) == ["node2"]
+    assert reach.unreachable([]) == []
+
+
 # ---------------------------------------------------------------- steps lost, spare nodes
 
 @pytest.mark.parametrize("fields, text", [
@@ -209,7 +241,8 @@ def test_no_requeue_once_slurm_ends_the_job_or_after_the_limit():
 
 
 @pytest.mark.parametrize("name, value", [("HPCTRAIN_MAX_RESTARTS", "two"), ("HPCTRAIN_MAX_REQUEUES", "-1"),
-                                         ("HPCTRAIN_SPARE_NODES", "1;reboot"), ("SLURM_RESTART_COUNT", "x")])
+                                         ("HPCTRAIN_SPARE_NODES", "1;reboot"), ("SLURM_RESTART_COUNT", "x"),
+                                         ("HPCTRAIN_STEP_END_WAIT", "20s")])
 def test_bad_setting_is_one_line_exit_2(name, value, tmp_path):
     p = _supervise(tmp_path, ["--", "true"], {name: value})
     assert p.returncode == 2 and p.stdout == ""
@@ -279,10 +312,15 @@ exec bash "$s" "$@"
 """
 FAKE_SCONTROL = """#!/bin/bash
 printf '%s\\n' "$*" >> "$FAKE_DIR/scontrol.log"
-case $1 in
-  show) echo "JobId=$3 JobName=x JobState=${FAKE_JOB_STATE-RUNNING} Reason=None" ;;
-  requeue) exit "${FAKE_REQUEUE_RC:-0}" ;;
+case $1:$2 in
+  show:hostnames) echo "${FAKE_HOSTNAMES-}" ;;
+  show:node) echo "NodeName=$4 NodeAddr=127.0.0.1 Port=${FAKE_SLURMD_PORT:-1} State=ALLOCATED" ;;
+  show:*) echo "JobId=$3 JobName=x JobState=${FAKE_JOB_STATE-RUNNING} Reason=None" ;;
+  requeue:*) exit "${FAKE_REQUEUE_RC:-0}" ;;
 esac
+"""
+FAKE_SQUEUE = """#!/bin/bash
+printf '%s\\n' "${FAKE_STEPS-}"
 """
 
 
@@ -290,7 +328,7 @@ def _fake_bin(tmp_path: Path) -> Path:
     b = tmp_path / "bin"
     if not b.exists():
         b.mkdir()
-        for name, text in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL)):
+        for name, text in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL), ("squeue", FAKE_SQUEUE)):
             (b / name).write_text(text)
             (b / name).chmod(0o755)
     return b
@@ -409,6 +447,29 @@ def test_restart_line_steps_lost_and_spare_node(tmp_path):
     assert [ln.split()[:3] for ln in _log(tmp_path, "srun.log")] == [
         ["--mpi=pmix", "--kill-on-bad-exit=1", "python3"], ["--mpi=pmix", "--kill-on-bad-exit=1", "--exclude=node3"],
         ["--mpi=pmix", "--kill-on-bad-exit=1", "--exclude=node3"]]
+
+
+def test_srun_waiting_for_an_unreachable_node_is_ended_and_the_node_replaced(tmp_path):
+    # The step's rank on node1 fails; srun never hears from node2 (its stand-in runs on). After
+    # HPCTRAIN_STEP_END_WAIT the supervisor finds node2's slurmd refusing connections, ends srun, blames node2
+    # and relaunches on the spare, sharing the CPUs the stuck step still holds (--overlap).
+    run = tmp_path / "run"
+    run.mkdir()
+    hung = (_write_status(run, state="running", step=5, checkpoint_step=3) + "\n"
+            "echo 'srun: error: node1: task 0: Exited with exit code 86' >&2; exec sleep 600")
+    _launches(tmp_path, hung, "exit 0")
+    t0 = time.monotonic()
+    p = _supervise(tmp_path, _train(run), {"HPCTRAIN_SPARE_NODES": "1", "HPCTRAIN_STEP_END_WAIT": "1",
+                                           "FAKE_STEPS": "42.batch node1\n42.0 node[1-2]",
+                                           "FAKE_HOSTNAMES": "node1 node2"})
+    assert p.returncode == 0 and time.monotonic() - t0 < 30, p.stdout + p.stderr
+    assert re.search(r"srun still waits \d+ s after the first failed task: node\(s\) node2 cannot be reached", p.stdout)
+    assert RESTART_LINE.findall(p.stdout) == [
+        ("1", "2", "86", "hang watchdog: node1: task 0: Exited with exit code 86", "node2", "node2", "3", "5", "2")]
+    launches = _log(tmp_path, "srun.log")
+    assert "--overlap" not in launches[0] and "--exclude=node2 --overlap" in launches[1]
+    probed = [ln for ln in _log(tmp_path, "scontrol.log") if ln.startswith("show node")]
+    assert probed == ["show node -o node2"]  # node1 was heard from: never probed
 
 
 def test_giving_up_names_every_blamed_node(tmp_path):
