@@ -15,7 +15,8 @@
 # USR1 (300 s before the time limit): the ranks save a checkpoint and exit 85, the job requeues itself
 # and the restarted job resumes from that checkpoint. SIGTERM (scancel): they save, and the job ends.
 # A rank that dies ends the step at once (srun --kill-on-bad-exit); the step is then relaunched in the same
-# allocation (HPCTRAIN_MAX_RESTARTS, default 2; HPCTRAIN_SPARE_NODES idle nodes can replace a blamed one)
+# allocation (HPCTRAIN_MAX_RESTARTS, default 2; HPCTRAIN_SPARE_NODES idle nodes can replace a blamed
+# or unreachable one: then submit with `sbatch --no-kill`, or Slurm ends the job when it declares a node DOWN)
 # and resumes from the newest checkpoint. hpctrain_step (slurm/env.sh), the last command, makes the batch
 # shell the supervisor (python -m hpctrain.slurm supervise), which runs srun and does all of this.
 # --open-mode=append keeps the output of every restart in one file. See docs/slurm.md.

@@ -56,6 +56,7 @@ hpctrain_whole HPCTRAIN_GPUS_PER_NODE "0 = CPU mode" || return 2
 # The supervisor's limits (unset or empty: its defaults, 20 requeues and 2 restarts), checked before anything runs.
 [ -z "${HPCTRAIN_MAX_REQUEUES:-}" ] || hpctrain_whole HPCTRAIN_MAX_REQUEUES || return 2
 [ -z "${HPCTRAIN_MAX_RESTARTS:-}" ] || hpctrain_whole HPCTRAIN_MAX_RESTARTS || return 2
+[ -z "${HPCTRAIN_STEP_END_WAIT:-}" ] || hpctrain_whole HPCTRAIN_STEP_END_WAIT || return 2
 hpctrain_whole HPCTRAIN_SPARE_NODES || return 2
 [[ $HPCTRAIN_DRY_RUN =~ ^[01]$ ]] \
   || { hpctrain_error "HPCTRAIN_DRY_RUN='$HPCTRAIN_DRY_RUN' is not allowed (allowed: 0, 1)"; return 2; }
