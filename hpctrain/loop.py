@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Protocol
 
-from hpctrain import stragglers, watchdog
+from hpctrain import linkrate, stragglers, watchdog
 from hpctrain.config import RunConfig
 from hpctrain.errors import NonFiniteError
 from hpctrain.metrics import MetricsLogger, Throughput, Traffic, window_metrics
@@ -32,7 +32,7 @@ class Engine(Protocol):
     logger: MetricsLogger | None  # given by the loop; the engine logs evaluations and messages to it
     traffic: Traffic | None   # optional: bytes this rank handed to its training collectives (None: not counted)
     # optional, with rank_nodes() and cluster: seconds this rank waited for the others since the last call (the
-    # straggler watch, hpctrain.stragglers)
+    # straggler watch, hpctrain.stragglers; with cluster.num_nodes > 1 also the link watch, hpctrain.linkrate)
     wait_seconds: Callable[[], float]
     # optional: bytes of optimizer state this rank holds (ZeRO and the parameter server shard it)
     optimizer_state_bytes: Callable[[], int]
@@ -131,6 +131,12 @@ class Window:
         self.stats = None
         self.steps, self.start, self.seconds = 0, time.perf_counter(), 0.0
         self.watch: stragglers.Watch | None = None
+        # Links are only worth watching between hosts (read once a window: a getsockopt per connection), on the
+        # engines that report per-rank figures (wait_seconds, with rank_nodes() and cluster).
+        multi_host = getattr(getattr(engine, "cluster", None), "num_nodes", 1) > 1
+        self.links = linkrate.Sampler() if multi_host and hasattr(engine, "wait_seconds") else None
+        self.link_watch: linkrate.Watch | None = None
+        self.nodes: list[str] | None = None  # every rank's node, gathered at the first window that names any
         self.first_step = engine.step + 1
 
     def add(self, stats, seconds: float = 0.0) -> None:
@@ -151,6 +157,15 @@ class Window:
         vector[e.cluster.rank] = max(0.0, mine) if math.isfinite(mine) else math.nan
         return vector
 
+    def link(self) -> list[float]:
+        """This rank's fastest connection to another host in the window (bits/s, NaN: none sent) at its index of
+        a world-sized vector, summed by the window's one reduction; empty on one host."""
+        if self.links is None:
+            return []
+        vector = [0.0] * self.engine.cluster.size
+        vector[self.engine.cluster.rank] = self.links.take()
+        return vector
+
     def state(self) -> list[float]:
         """This rank's optimizer state in MiB at its index of a world-sized vector (summed by the window's one
         reduction: every rank's figure on rank 0); empty where the engine does not report it."""
@@ -162,6 +177,22 @@ class Window:
         vector[e.cluster.rank] = held() / 2**20
         return vector
 
+    def _watched(self, attr: str, kind, values: list[float]) -> dict:
+        """Feed a watch (stragglers.Watch, linkrate.Watch) the window's reduced values: its figures for the record,
+        its line, if any, logged. Its first window warms up (allocator, caches, connections): nothing is named."""
+        e = self.engine
+        watch = getattr(self, attr)
+        first = watch is None
+        if first:
+            if self.nodes is None:
+                self.nodes = e.rank_nodes()  # one allgather, the same window on every rank
+            watch = kind(self.nodes)
+            setattr(self, attr, watch)
+        figures, line = watch.window(values, self.first_step, e.step, quiet=first)
+        if line:
+            e.log(line)
+        return figures
+
     def report(self, epoch: int) -> dict:
         e = self.engine
         rate = e.samples_per_step * self.steps / (time.perf_counter() - self.start)
@@ -170,11 +201,11 @@ class Window:
         traffic = counter.take() if counter is not None else []
         now = rss_mib()  # the kernel updates the peak lazily: it can lag the present
         memory = [max(peak_rss_mib(), now), now, 1.0]  # summed with the processes counted: the mean of a process
-        busy, state = self.busy(), self.state()
+        busy, state, link = self.busy(), self.state(), self.link()
         loss_n, correct, n, rates, peak, now, processes, *rest = e.reduce_sum(
-            self.stats, [mine, *memory, *traffic, *busy, *state])
-        k, b = len(traffic), len(busy)
-        sent, busy, state = rest[:k], rest[k:k + b], rest[k + b:]
+            self.stats, [mine, *memory, *traffic, *busy, *state, *link])
+        k, b, s = len(traffic), len(busy), len(state)
+        sent, busy, state, link = rest[:k], rest[k:k + b], rest[k + b:k + b + s], rest[k + b + s:]
         loss = loss_n / n
         if not math.isfinite(loss):
             raise NonFiniteError(f"rank-averaged loss is {loss} at step {e.step} (steps "
@@ -188,13 +219,9 @@ class Window:
         if sent:  # bytes per rank in the window, per step, per model average
             result.update(window_metrics(sent, self.steps, e.data_size // e.local_replicas, counter.shapes()))
         if busy:
-            first = self.watch is None  # its steps warm up (allocator, caches, connections): nothing is named
-            if first:
-                self.watch = stragglers.Watch(e.rank_nodes())
-            figures, line = self.watch.window(busy, self.first_step, e.step, quiet=first)
-            result.update(figures)
-            if line:
-                e.log(line)
+            result.update(self._watched("watch", stragglers.Watch, busy))
+        if link:
+            result.update(self._watched("link_watch", linkrate.Watch, link))
         e.logger.log(e.step, "train", result)
         e.progress(e.step)
         self.stats, self.steps, self.start, self.seconds = None, 0, time.perf_counter(), 0.0

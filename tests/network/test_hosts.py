@@ -363,3 +363,42 @@ def test_preempted_across_hosts_with_a_slow_checkpoint_nothing_lost(hosts, tmp_p
     out = ok(p)
     assert f"at step {stopped}" in out and "resumed from" in out, out[-2000:]
     assert [r["step"] for r in metrics(run_dir, "train")][-2:] == [stopped + 1, stopped + 2]
+
+
+def test_slow_host_mid_run_named_by_rank_0(hosts, tmp_path):
+    # 3 hosts at 10 Gbit/s; after step 4 host2's link is shaped to 1/100 (100 Mbit/s). The job goes on, and rank 0
+    # names host2 from the delivery rates the ranks report in the log windows (hpctrain.linkrate).
+    run_dir, steps, slow_after = tmp_path / "run", 12, 4
+    args = ["-m", "hpctrain.resnet", "--config", "configs/tiny.toml", "--synthetic-size", "960", "--max-steps",
+            str(steps), "--log-every", "2", "--run-dir", str(run_dir), "--tensorboard", "false"]
+    log = tmp_path / "job.log"
+    names = ["host1", "host2", "host3"]
+    rates = dict(hosts.rate)
+    for name in names:
+        hosts.set_rate(name, "10gbit")
+    try:
+        with open(log, "w") as f:
+            job = hosts.popen("host1", mpirun(hosts, names, args), cwd=ROOT, env=host_env(hosts), stdout=f,
+                              stderr=subprocess.STDOUT)
+        assert wait_for(lambda: trained(run_dir, slow_after) or job.poll() is not None, 150), "no steps in 150 s"
+        hosts.set_rate("host2", "100mbit")
+        shaped = time.time()
+        job.wait(timeout=300)
+    finally:
+        if job.poll() is None:
+            job.kill()
+            job.wait()
+        for name in names:
+            hosts.set_rate(name, rates[name])
+    out = log.read_text()
+    assert job.returncode == 0, out[-3000:]
+    records = metrics(run_dir, "train")
+    assert [r["step"] for r in records] == list(range(2, steps + 1, 2))  # a record every 2 steps: it went on
+    named = re.findall(r"slow link: rank (\d+) on node (\S+): its fastest connection to another host delivered "
+                       r"([\d.]+ [MG]bit/s), 1/(\d+) of the other ranks' median ([\d.]+ [MG]bit/s)", out)
+    assert named and named[0][:2] == ("1", "host2") and len(named) == 1, out[-3000:]
+    after = [r for r in records if r["time"] > shaped + 1]
+    assert after and all(r.get("slow_link_rank") == 1 for r in after[1:]), after
+    print(f"\nslow host: host2 shaped to 100 Mbit/s after step {slow_after}: named '{named[0][2]}, 1/{named[0][3]} "
+          f"of the median {named[0][4]}'; per window (Mbit/s, fastest connection, slowest rank): "
+          f"{[round(r['link_mbit_s_min']) for r in records]}", file=sys.stderr)
