@@ -226,8 +226,8 @@ def _slurm_task_counts(spec: str) -> list[int]:
 def tf_config(c: ClusterEnv, port_base: int, env: Mapping[str, str] | None = None,
               hosts: list[str] | None = None) -> dict:
     """The TF_CONFIG for MultiWorkerMirroredStrategy: the user's own if set (it must describe this launch),
-    else one worker per rank at its host and port `port_base + rank` (unique even when several ranks, or
-    several emulated nodes, share a host). Hosts: `hosts` (one per rank, e.g. gathered over MPI), else
+    else one worker per rank at its host and port `port_base + rank` (unique even when several ranks
+    share a host). Hosts: `hosts` (one per rank, e.g. gathered over MPI), else
     localhost when every rank is on this node, else Slurm's step node list (block distribution)."""
     env = os.environ if env is None else env
     if "TF_CONFIG" in env:

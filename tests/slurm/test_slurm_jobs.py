@@ -26,6 +26,7 @@ def test_resnet_8node_template(slurm, tmp_path):
     # Submitted from the repository root without HPCTRAIN_ROOT: the job finds it via SLURM_SUBMIT_DIR.
     # 128 samples / 8 ranks / batch 8 = 2 steps.
     run_dir, out = tmp_path / "run", tmp_path / "job.out"
+    before = {n: slurm.hosts.counters(n) for n in slurm.names}
     t0 = time.monotonic()
     job = sbatch(slurm, ["--output", str(out), TEMPLATE, *TINY, "--synthetic-size", "128", "--run-dir", str(run_dir)],
                  HPCTRAIN_SITE="testcluster")
@@ -39,7 +40,15 @@ def test_resnet_8node_template(slurm, tmp_path):
     assert "horovod backend, device cpu" in text and text.count("done at step 2") == 1
     assert [r["step"] for r in _train_steps(run_dir)] == [1, 2]
     assert (run_dir / "checkpoints" / "ckpt-00000002.pt").exists()
-    print(f"\n8-node job: submitted -> COMPLETED in {took:.1f} s", file=sys.stderr)
+    # Every node is a host with its own link: the gradients crossed each of them. Whatever the allreduce's
+    # algorithm, each rank sends and receives at least (N-1)/N of what it hands to it.
+    handed = sum(r.get("sent_bytes", 0) for r in _train_steps(run_dir))
+    assert handed > 40e6
+    grew = {n: {way: slurm.hosts.counters(n)[way] - before[n][way] for way in ("tx", "rx")} for n in slurm.names}
+    assert all(g[way] >= 7 / 8 * handed for g in grew.values() for way in ("tx", "rx")), (handed, grew)
+    print(f"\n8-node job: submitted -> COMPLETED in {took:.1f} s; allreduce handed {handed / 1e6:.1f} MB per rank, "
+          f"each host's eth0 sent {min(g['tx'] for g in grew.values()) / 1e6:.1f}-"
+          f"{max(g['tx'] for g in grew.values()) / 1e6:.1f} MB", file=sys.stderr)
 
 
 def test_preemption_requeues_and_resumes_exactly(slurm, tmp_path):
