@@ -131,10 +131,13 @@ class Window:
         self.stats = None
         self.steps, self.start, self.seconds = 0, time.perf_counter(), 0.0
         self.watch: stragglers.Watch | None = None
-        # Links are only worth watching between hosts (read once a window: a getsockopt per connection), on the
-        # engines that report per-rank figures (wait_seconds, with rank_nodes() and cluster).
-        multi_host = getattr(getattr(engine, "cluster", None), "num_nodes", 1) > 1
-        self.links = linkrate.Sampler() if multi_host and hasattr(engine, "wait_seconds") else None
+        # Links are only worth reading where this rank has peers on other hosts (once a window: a getsockopt per
+        # connection); the figure's slot rides the reduction on every engine that reports per-rank figures
+        # (wait_seconds), NaN where nothing is read, so that every rank hands the reduction the same length.
+        cluster = getattr(engine, "cluster", None)
+        self.watches_links = hasattr(engine, "wait_seconds")
+        other_hosts = cluster is not None and cluster.size > getattr(cluster, "local_size", cluster.size)
+        self.links = linkrate.Sampler() if self.watches_links and other_hosts else None
         self.link_watch: linkrate.Watch | None = None
         self.nodes: list[str] | None = None  # every rank's node, gathered at the first window that names any
         self.first_step = engine.step + 1
@@ -158,12 +161,13 @@ class Window:
         return vector
 
     def link(self) -> list[float]:
-        """This rank's fastest connection to another host in the window (bits/s, NaN: none sent) at its index of
-        a world-sized vector, summed by the window's one reduction; empty on one host."""
-        if self.links is None:
+        """This rank's fastest connection to another host in the window (bits/s, NaN: none read or none moved data)
+        at its index of a world-sized vector, summed by the window's one reduction; empty where the engine reports
+        no per-rank figures."""
+        if not self.watches_links:
             return []
         vector = [0.0] * self.engine.cluster.size
-        vector[self.engine.cluster.rank] = self.links.take()
+        vector[self.engine.cluster.rank] = self.links.take() if self.links is not None else math.nan
         return vector
 
     def state(self) -> list[float]:

@@ -2,6 +2,7 @@
 so the loop's own rules are checked without torch: epochs and the mid-epoch resume offset, one
 reduction per log interval, checkpoint cadence, the agreed stop, evaluation at each epoch's end."""
 import json
+import math
 import subprocess
 import sys
 
@@ -186,8 +187,9 @@ def test_optimizer_state_rides_on_the_reduction_beside_the_busy_times(tmp_path):
 
         def reduce_sum(self, stats, extra):
             self.calls["reduce"] += 1
-            *head, busy0, busy1, state0, state1 = extra
-            return [*map(float, stats), *head, busy1, busy1, 2 * state1, state1]
+            *head, busy0, busy1, state0, state1, link0, link1 = extra  # the link slots: NaN on one host
+            assert math.isnan(link1) and link0 == 0.0
+            return [*map(float, stats), *head, busy1, busy1, 2 * state1, state1, link1, link1]
 
     e = Ranked()
     loop.train(e, run_cfg(tmp_path, log_every=2), rank=0)
@@ -195,3 +197,4 @@ def test_optimizer_state_rides_on_the_reduction_beside_the_busy_times(tmp_path):
     train = [r for r in records if r["kind"] == "train"]
     assert [r["optimizer_state_mib_max"] for r in train] == [6.0] * 4  # 8 steps, a record every 2
     assert all(r["busy_s_per_step_max"] == r["busy_s_per_step_median"] >= 0 for r in train), train
+    assert not any("link_mbit_s_min" in r for r in train)  # no link read: no link figures
