@@ -32,7 +32,7 @@ class Engine(Protocol):
     logger: MetricsLogger | None  # given by the loop; the engine logs evaluations and messages to it
     traffic: Traffic | None   # optional: bytes this rank handed to its training collectives (None: not counted)
     # optional, with rank_nodes() and cluster: seconds this rank waited for the others since the last call (the
-    # straggler watch, hpctrain.stragglers; with cluster.num_nodes > 1 also the link watch, hpctrain.linkrate)
+    # straggler watch, hpctrain.stragglers; and the link watch, hpctrain.linkrate, read where cluster.size > local_size)
     wait_seconds: Callable[[], float]
     # optional: bytes of optimizer state this rank holds (ZeRO and the parameter server shard it)
     optimizer_state_bytes: Callable[[], int]
