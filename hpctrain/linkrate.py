@@ -28,8 +28,8 @@ MIN_BYTES = 1 << 20      # a connection counts once it moved this much in the wi
 TCP_INFO_BYTES = 232
 _ACKED = struct.Struct("=Q")   # tcpi_bytes_acked, at offset 120 (Linux >= 4.1)
 _ACKED_AT = 120
-_BUSY = struct.Struct("=Q")    # tcpi_busy_time, microseconds with data in flight, at offset 168 (Linux >= 4.10)
-_BUSY_AT = 168
+_BUSY = struct.Struct("=Q")    # tcpi_busy_time, microseconds with data in flight, at offset 168 (Linux >= 4.10);
+_BUSY_AT = 168                 # counted in clock ticks (1-10 ms), so only a window of many exchanges has a figure
 
 
 def _remote(local: str, peer: str) -> bool:

@@ -55,8 +55,13 @@ def test_sampler_rates_a_connection_by_the_bytes_it_moved_per_busy_second(monkey
         while sum(got) < 1000 and time.monotonic() < deadline:
             time.sleep(0.01)
         assert math.isnan(s.take())  # less than MIN_BYTES moved: control messages do not count
-        c.sendall(b"x" * (8 << 20))
-        while sum(got) < 1000 + (8 << 20) and time.monotonic() < deadline:  # all of it delivered
+        # The kernel counts busy time in clock ticks (4 ms at HZ=250): a few MiB over loopback may fit in one tick
+        # and read as 0 busy. Keep data in flight for many ticks.
+        sent, chunk, until = 1000, b"x" * (4 << 20), time.monotonic() + 0.5
+        while time.monotonic() < until:
+            c.sendall(chunk)
+            sent += len(chunk)
+        while sum(got) < sent and time.monotonic() < deadline:  # all of it delivered
             time.sleep(0.01)
         rate = s.take()
         assert math.isnan(s.take())  # nothing moved since
