@@ -7,7 +7,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export OMPI_ALLOW_RUN_AS_ROOT := 1
 export OMPI_ALLOW_RUN_AS_ROOT_CONFIRM := 1
 
-.PHONY: install demo demo-tf demo-bert lint check test test-cluster test-all test-acceptance test-unit test-latest lock clean container-check
+.PHONY: install demo demo-tf demo-bert lint check test test-bench test-cluster test-all test-acceptance test-unit test-latest lock clean container-check
 
 install:
 	@bash scripts/install.sh
@@ -42,14 +42,19 @@ check: lint
 # emulated hosts with their own network, container roots) or a large node's memory (bigmem: ~16 GiB free).
 CLUSTER_TIERS := slurm or container or network or bigmem
 
-# The everyday suite: lint, then the unit, multi-rank (mpi, tf) and benchmark tiers.
+# The everyday suite: lint, then the unit and multi-rank (mpi, tf) tiers.
 test: lint
-	$(PY) -m pytest -ra -m "not acceptance and not ($(CLUSTER_TIERS))" tests $(PYTEST_ARGS)
+	$(PY) -m pytest -ra -m "not acceptance and not benchmark and not ($(CLUSTER_TIERS))" tests $(PYTEST_ARGS)
+
+# Each benchmark script at tiny sizes (tests/benchmarks; a few minutes): its own tier, so `make test` stays
+# within its time budget on a 2-core machine.
+test-bench: lint
+	$(PY) -m pytest -ra -m "benchmark and not ($(CLUSTER_TIERS))" tests $(PYTEST_ARGS)
 
 test-cluster: lint
 	$(PY) -m pytest -ra -m "$(CLUSTER_TIERS)" tests $(PYTEST_ARGS)
 
-# Both in one pytest run (CI runs the two above in turn, each timed: .ci/run).
+# All three in one pytest run (CI runs the three above in turn, each timed: .ci/run).
 test-all: lint
 	$(PY) -m pytest -ra -m "not acceptance" tests $(PYTEST_ARGS)
 

@@ -9,9 +9,9 @@
     network    tests/network: emulated hosts with their own network (marked in the modules)
     bigmem     objects over 2 GiB between two ranks (tests/parallel/test_transfer.py; marked in the module)
 
-`make test` runs unit, mpi, tf and benchmark; `make test-cluster` slurm, container and network (they stand up
-infrastructure first) and bigmem (~16 GiB free memory); `make test-all` both. `pytest -m "not slurm and not
-container"` or `-m tf` pick tiers."""
+`make test` runs unit, mpi and tf; `make test-bench` benchmark; `make test-cluster` slurm, container and network
+(they stand up infrastructure first) and bigmem (~16 GiB free memory); `make test-all` all three.
+`pytest -m "not slurm and not container"` or `-m tf` pick tiers."""
 from __future__ import annotations
 
 import pytest

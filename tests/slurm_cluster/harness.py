@@ -10,7 +10,7 @@ Everything (config, keys, sockets, state, spool, logs, pid files) lives in one d
 written to /etc. Clients find the cluster through `SLURM_CONF` (see `env()`). Daemons run in the
 foreground as our children and are stopped by the pids we recorded, never by name.
 
-Measured facts behind the settings: /work/shared/notes/slurm-test-cluster.md (in short: Debian's
+Measured facts behind the settings (in short: Debian's
 Open MPI needs `--mpi=pmix`; one TmpFS per node or PMIx fails with "File exists"; a TaskProlog
 switches Open MPI to TCP on loopback because emulated nodes share one host's shared memory;
 cred_expire=10 or a requeued job waits 120 s; the -wlm binaries where slurm-wlm-emulator is installed).
